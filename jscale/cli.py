@@ -1,0 +1,75 @@
+"""The ``jscale`` command: ``jscale train``, ``jscale presets``.
+
+Bad arguments and impossible configs exit with status 2 and a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (``jscale train: error: ...``) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jscale", description="jscale: JAX scaling-law experiments.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train one run from a preset",
+                           description="Train one run. Rerunning with the same --out resumes from "
+                                       "the newest checkpoint.")
+    train.add_argument("--preset", required=True, help="preset name (see `jscale presets`)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
+    train.add_argument("--out", required=True, help="output directory (metrics, checkpoints, summary)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar or final summary line")
+
+    sub.add_parser("presets", help="list presets with their sizes",
+                   description="List the presets with their parameter counts.")
+    return parser
+
+
+def _cmd_train(args) -> int:
+    from jscale import presets
+    from jscale.config import ConfigError, parse_overrides
+    from jscale.train import train
+
+    try:
+        cfg = presets.get(args.preset).override(parse_overrides(args.overrides))
+        summary = train(cfg, args.out, quiet=args.quiet)
+    except KeyError as e:  # unknown preset
+        print(f"jscale train: error: {e.args[0]}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"jscale train: error: {e}", file=sys.stderr)
+        return 2
+    return 0  # a diverged run is a result (summary.json says so), not a CLI error
+
+
+def _cmd_presets(args) -> int:
+    from jscale import count_params, flops_per_token, presets
+
+    for name in presets.names():
+        cfg = presets.get(name)
+        m, t = cfg.model, cfg.train
+        n = count_params(m)
+        print(f"{name:12s} {n['total'] / 1e6:7.3f} M params ({n['non_embedding'] / 1e6:.3f} M "
+              f"non-embedding)  d_model={m.d_model} n_layers={m.n_layers} n_heads={m.n_heads} "
+              f"n_kv_heads={m.n_kv_heads} d_ff={m.d_ff}  T={t.seq_len} B={t.batch_size} "
+              f"steps={t.steps}  {flops_per_token(m, t.seq_len)['training'] / 1e6:.2f} MFLOP/token")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``jscale`` console script."""
+    args = _build_parser().parse_args(argv)
+    return {"train": _cmd_train, "presets": _cmd_presets}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Run configuration: frozen, keyword-only dataclasses, one per section.
+
+A :class:`RunConfig` composes five sections — ``model`` (a model family's own config class, e.g.
+:class:`jscale.TransformerConfig`), ``data``, ``optim``, ``train`` and ``mesh``. Every knob is a declared
+field with one default; ``__post_init__`` rejects impossible values with a message that names the field
+and the constraint. Configs are values: change them with :meth:`RunConfig.override`, which takes dotted
+keys (``{"optim.lr": 1e-3}``) and coerces strings (``"1e-3"``) to the field's declared type, so the CLI's
+``--set optim.lr=1e-3`` and Python share one typed, validated path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal
+
+#: Byte-level tokenizer: 256 byte values plus one end-of-document token (id 256).
+BYTE_VOCAB_SIZE = 257
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field and the constraint."""
+
+
+def check(condition: bool, field: str, constraint: str, value: Any = None) -> None:
+    """Raise :class:`ConfigError` naming ``field`` and ``constraint`` unless ``condition`` holds."""
+    if not condition:
+        got = "" if value is None else f" (got {value!r})"
+        raise ConfigError(f"{field}: {constraint}{got}")
+
+
+def _positive(cfg: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        check(value > 0, f"{prefix}.{name}", "must be > 0", value)
+
+
+def _non_negative(cfg: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        check(value >= 0, f"{prefix}.{name}", "must be >= 0", value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the tokens come from.
+
+    Attributes:
+      path: ``None`` for the bundled State-of-the-Union corpus; otherwise a text file (documents
+        separated by blank lines), a directory of ``.txt`` files (one document each), a ``.jsonl`` file
+        with a ``text_field`` per line, or a ``.npy`` 1-D array of token ids (documents separated by the
+        tokenizer's EOS id; split into train/validation by ``seq_len + 1`` blocks).
+      text_field: JSONL field holding a document's text.
+      tokenizer: ``"byte"`` (256 bytes + EOS, no files needed) or ``"bpe"`` (byte-level BPE trained on
+        the training split with HF ``tokenizers``, ``model.vocab_size`` tokens, cached on disk).
+      val_every: every ``val_every``-th document (index ``i % val_every == val_every - 1``) goes to the
+        validation split; the rest train.
+      cache_dir: where trained BPE tokenizers and tokenized corpora are cached (default
+        ``$JSCALE_CACHE`` or ``~/.cache/jscale``).
+    """
+
+    path: str | None = None
+    text_field: str = "text"
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    val_every: int = 10
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        check(self.val_every >= 2, "data.val_every", "must be >= 2 (one document in val_every "
+              "goes to validation)", self.val_every)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with warmup then a decay schedule, global-norm clipping and a weight-decay mask.
+
+    Attributes:
+      lr: peak learning rate, reached at the end of warmup.
+      weight_decay: decoupled weight decay (AdamW), applied to matrices only (never to norm scales or
+        biases; to embeddings only when ``decay_embeddings``).
+      warmup_steps: linear warmup from 0 to ``lr``.
+      schedule: after warmup, ``"cosine"`` decays to ``lr * min_lr_ratio`` at the last step;
+        ``"wsd"`` (warmup-stable-decay) holds ``lr`` and decays linearly to ``lr * min_lr_ratio`` over
+        the last ``decay_fraction`` of the steps; ``"constant"`` holds ``lr``.
+      min_lr_ratio: final learning rate as a fraction of ``lr`` (cosine and wsd).
+      decay_fraction: fraction of all steps spent in the wsd decay phase.
+      grad_clip: clip the global gradient norm to this value; 0 disables clipping.
+      b1, b2, eps: Adam moments' decay rates and epsilon.
+      decay_embeddings: apply weight decay to the embedding table too.
+    """
+
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    grad_clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    decay_embeddings: bool = False
+
+    def __post_init__(self):
+        _positive(self, "optim", "lr", "eps")
+        _non_negative(self, "optim", "weight_decay", "warmup_steps", "grad_clip")
+        check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]",
+              self.min_lr_ratio)
+        check(0.0 < self.decay_fraction <= 1.0, "optim.decay_fraction", "must be in (0, 1]",
+              self.decay_fraction)
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            check(0.0 <= value < 1.0, f"optim.{name}", "must be in [0, 1)", value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The training loop.
+
+    Attributes:
+      steps: optimizer steps.
+      batch_size: sequences per step (global batch).
+      seq_len: tokens per sequence (<= ``model.max_seq_len``).
+      seed: seeds parameter initialization and data order.
+      log_every: write a row to ``metrics.jsonl`` every this many steps (and at the last step).
+      eval_every: evaluate on the validation split every this many steps (and at the end); 0 = only at
+        the end.
+      eval_batches: validation batches per evaluation (the same batches every time).
+      checkpoint_every: save a checkpoint every this many steps (and at the end); 0 = only at the end.
+      keep_checkpoints: how many recent checkpoints to keep.
+    """
+
+    steps: int = 100
+    batch_size: int = 16
+    seq_len: int = 128
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        _positive(self, "train", "steps", "batch_size", "seq_len", "log_every", "eval_batches",
+                  "keep_checkpoints")
+        _non_negative(self, "train", "eval_every", "checkpoint_every", "seed")
+
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "runs")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Device-mesh axis sizes. All 1 (one device) by default; one axis may be -1 (all remaining)."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+    runs: int = 1
+
+    def __post_init__(self):
+        for name in MESH_AXES:
+            value = getattr(self, name)
+            check(value >= 1 or value == -1, f"mesh.{name}", "must be >= 1 or -1 (all remaining "
+                  "devices)", value)
+        n_fill = sum(getattr(self, a) == -1 for a in MESH_AXES)
+        check(n_fill <= 1, "mesh", "at most one axis may be -1", n_fill)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model families register their config class here so RunConfig can (de)serialize and validate them.
+
+_MODEL_FAMILIES: dict[str, type] = {}
+
+
+def register_model_config(family: str, cls: type) -> None:
+    """Make ``cls`` a valid ``RunConfig.model``, serialized with ``{"family": family, ...}``."""
+    _MODEL_FAMILIES[family] = cls
+
+
+def model_family(model_cfg: Any) -> str:
+    """The registered family name of a model config instance."""
+    for family, cls in _MODEL_FAMILIES.items():
+        if type(model_cfg) is cls:
+            return family
+    raise ConfigError(f"model: {type(model_cfg).__name__} is not a registered model config "
+                      f"(registered: {sorted(_MODEL_FAMILIES)})")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything one training run needs. Build from a preset and override fields by dotted key."""
+
+    model: Any
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        model_family(self.model)  # raises for an unregistered model config
+        max_len = getattr(self.model, "max_seq_len", None)
+        if max_len is not None:
+            check(self.train.seq_len <= max_len, "train.seq_len",
+                  f"must be <= model.max_seq_len={max_len}", self.train.seq_len)
+        if self.data.tokenizer == "byte":
+            check(self.model.vocab_size == BYTE_VOCAB_SIZE, "model.vocab_size",
+                  f"must equal the byte tokenizer's vocabulary ({BYTE_VOCAB_SIZE} = 256 bytes + EOS) "
+                  "when data.tokenizer='byte'", self.model.vocab_size)
+
+    # -- dotted-key access ---------------------------------------------------------------------------
+    def flat(self) -> dict[str, Any]:
+        """All fields as ``{"section.field": value}``."""
+        return {f"{s.name}.{f.name}": getattr(getattr(self, s.name), f.name)
+                for s in dataclasses.fields(self) for f in dataclasses.fields(getattr(self, s.name))}
+
+    def valid_keys(self) -> list[str]:
+        """Every key :meth:`override` accepts."""
+        return list(self.flat())
+
+    def override(self, updates: Mapping[str, Any]) -> RunConfig:
+        """A copy with ``updates`` (``{"section.field": value}``) applied, typed and validated.
+
+        String values are parsed to the field's declared type (so ``"1e-3"``, ``"true"``, ``"none"``
+        work); an unknown key raises :class:`ConfigError` listing the valid keys.
+        """
+        by_section: dict[str, dict[str, Any]] = {}
+        valid = self.valid_keys()
+        for key, value in updates.items():
+            if key not in valid:
+                raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+            section, name = key.split(".", 1)
+            hints = typing.get_type_hints(type(getattr(self, section)))
+            by_section.setdefault(section, {})[name] = coerce(value, hints[name], key)
+        sections = {s: dataclasses.replace(getattr(self, s), **kv) for s, kv in by_section.items()}
+        return dataclasses.replace(self, **sections)
+
+    # -- serialization -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready nested dict; ``model`` carries its ``family``."""
+        out = {s.name: dataclasses.asdict(getattr(self, s.name)) for s in dataclasses.fields(self)}
+        out["model"] = {"family": model_family(self.model), **out["model"]}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_dict`."""
+        model = dict(d["model"])
+        family = model.pop("family")
+        if family not in _MODEL_FAMILIES:
+            raise ConfigError(f"model.family: unknown family {family!r} "
+                              f"(registered: {sorted(_MODEL_FAMILIES)})")
+        return cls(model=_MODEL_FAMILIES[family](**model),
+                   data=DataConfig(**d.get("data", {})), optim=OptimConfig(**d.get("optim", {})),
+                   train=TrainConfig(**d.get("train", {})), mesh=MeshConfig(**d.get("mesh", {})))
+
+
+# ---------------------------------------------------------------------------------------------------
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert ``value`` (a Python value or a CLI string) to type ``hint``; raise naming ``key``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or
+                                   (isinstance(value, str) and value.lower() in ("none", "null"))):
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: cannot convert {value!r} to {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {list(args)} (got {value!r})")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"{key}: must be a bool (true/false) (got {value!r})")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: must be an int (got {value!r})")
+        if isinstance(value, int):
+            return value
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: must be an int (got {value!r})") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{key}: must be an int (got {value!r})")
+        return int(as_float)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: must be a float (got {value!r})")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: must be a float (got {value!r})") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a str (got {value!r})")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {hint}")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """Parse CLI ``key=value`` strings into a dict (values stay strings; :meth:`override` types them)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value (got {pair!r})")
+        out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,236 @@
+"""Training: ``TrainState``, a pure ``train_step``, and the loop that runs one ``RunConfig``.
+
+Output directory layout (``out_dir``):
+
+* ``config.json`` — the resolved config. A rerun into the same directory must use the same config.
+* ``metrics.jsonl`` — one JSON object per row: ``step``, ``loss`` (mean training loss over the steps
+  since the previous row), ``lr`` and ``grad_norm`` (at ``step``), ``tokens`` (seen so far),
+  ``tokens_per_s`` (over the steps since the previous row, excluding compilation), ``wall_time_s``
+  (cumulative, across resumes), and ``eval_loss`` on evaluation steps. Rows are written every
+  ``log_every`` steps and at every evaluation, checkpoint and the last step.
+* ``checkpoints/<step>/`` — orbax checkpoints (state + data iterator), every ``checkpoint_every`` steps
+  and at the end. Rerunning the same command resumes from the newest complete one and reproduces the
+  uninterrupted run exactly (bitwise on CPU).
+* ``summary.json`` — written at the end: ``final_train_loss`` (mean ``loss`` of the last
+  ``FINAL_LOSS_ROWS`` rows of ``metrics.jsonl``), ``final_eval_loss``, parameter counts, FLOPs,
+  ``wall_time_s`` and ``diverged`` (with ``diverged_step``, the first step whose loss was NaN/inf).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jscale import data as data_lib
+from jscale import models, optim
+from jscale.checkpoint import Checkpointer
+from jscale.config import ConfigError, RunConfig
+
+Array = jax.Array
+
+#: ``summary.json``'s ``final_train_loss`` is the mean ``loss`` of this many last metrics rows.
+FINAL_LOSS_ROWS = 5
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training: a pytree, so it jits, vmaps and checkpoints."""
+
+    step: Array  # int32 scalar: updates applied so far
+    params: Any
+    opt_state: Any
+    rng: Array  # uint32[2] raw PRNG key, for stochastic layers
+
+
+def init_state(cfg: RunConfig, optimizer: optax.GradientTransformation) -> TrainState:
+    """Fresh parameters and optimizer state, seeded by ``cfg.train.seed``."""
+    init_key, rng = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
+    params = models.init(init_key, cfg.model)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params), rng=rng)
+
+
+def loss_fn(params: Any, batch: dict[str, Array], model_cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """Mean next-token cross-entropy (float32) plus every auxiliary ``*_loss`` the model reports."""
+    logits_BTV, aux = models.apply(params, batch["inputs"], model_cfg,
+                                   segment_ids_BT=batch.get("segment_ids"))
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BTV.astype(jnp.float32), batch["targets"]).mean()
+    total = ce + sum((v for k, v in aux.items() if k.endswith("_loss")), jnp.zeros((), jnp.float32))
+    return total, {"ce_loss": ce, **aux}
+
+
+def train_step(state: TrainState, batch: dict[str, Array], *, cfg: RunConfig,
+               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer update. Pure: jit it (``make_train_step``) or vmap it over runs."""
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, cfg.model)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "lr": optim.current_lr(state.opt_state, state.step, cfg.optim), **aux}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def make_train_step(cfg: RunConfig, optimizer: optax.GradientTransformation):
+    """``train_step`` jitted for ``cfg``, donating the incoming state."""
+    def step(state, batch):
+        return train_step(state, batch, cfg=cfg, optimizer=optimizer)
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(cfg: RunConfig):
+    """Jitted ``(params, batch) -> mean cross-entropy``."""
+    return jax.jit(lambda params, batch: loss_fn(params, batch, cfg.model)[1]["ce_loss"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# files
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line torn by a kill mid-write: it and anything after are dropped
+    return rows
+
+
+def _prepare_out_dir(cfg: RunConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.json"
+    if cfg_path.exists():
+        old = RunConfig.from_dict(json.loads(cfg_path.read_text())).flat()
+        new = cfg.flat()
+        diff = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+        if diff:
+            raise ConfigError(f"{out} holds a run with a different config ({'; '.join(diff)}); "
+                              "rerun with the same settings to resume, or use a new --out")
+    else:
+        _write_json_atomic(cfg_path, cfg.to_dict())
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` into ``out_dir`` (resuming if it holds a checkpoint); return the summary dict.
+
+    Raises :class:`~jscale.config.ConfigError` before any training when the config, the data or the
+    output directory cannot work. A run whose ``summary.json`` already exists is not retrained.
+    """
+    out = Path(out_dir)
+    _prepare_out_dir(cfg, out)
+    if (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())
+
+    tc = cfg.train
+    corpus = data_lib.load_corpus(cfg.data, cfg.model.vocab_size, tc.seq_len)
+    data_iter = iter(data_lib.train_dataset(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
+                                            seed=tc.seed))
+    eval_data = data_lib.eval_batches(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
+                                      n_batches=tc.eval_batches)
+    optimizer = optim.make_optimizer(cfg.optim, tc.steps)
+    step_fn, eval_fn = make_train_step(cfg, optimizer), make_eval_step(cfg)
+    state = init_state(cfg, optimizer)
+
+    ckpt = Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints)
+    start, prior_wall = 0, 0.0
+    if (latest := ckpt.latest_step()) is not None:
+        state, meta = ckpt.restore(latest, state, data_iter)
+        start, prior_wall = latest, float(meta["wall_time_s"])
+    metrics_path = out / "metrics.jsonl"
+    rows = [r for r in _read_rows(metrics_path) if r["step"] <= start]
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    tokens_per_step = tc.batch_size * tc.seq_len
+    t0 = time.perf_counter()
+    interval_start, interval_steps, pending = t0, 0, []
+    diverged_step = None
+    eval_loss = rows[-1].get("eval_loss") if rows and start == tc.steps else None
+    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               disable=quiet or not sys.stderr.isatty())
+
+    def evaluate(params) -> float:
+        return float(np.mean([eval_fn(params, b) for b in eval_data]))
+
+    with open(metrics_path, "a") as metrics_file:
+        for step in range(start + 1, tc.steps + 1):
+            state, m = step_fn(state, next(data_iter))
+            pending.append(m)
+            if step == start + 1:  # compilation: keep it out of tokens/s
+                jax.block_until_ready(m)
+                interval_start, interval_steps = time.perf_counter(), -1
+            interval_steps += 1
+            bar.update(1)
+            is_last = step == tc.steps
+            do_eval = is_last or (tc.eval_every and step % tc.eval_every == 0)
+            do_ckpt = is_last or (tc.checkpoint_every and step % tc.checkpoint_every == 0)
+            if not (do_eval or do_ckpt or step % tc.log_every == 0):
+                continue
+            host = jax.device_get(pending)
+            losses = np.array([h["loss"] for h in host], np.float64)
+            if not np.all(np.isfinite(losses)):
+                diverged_step = step - len(host) + int(np.argmin(np.isfinite(losses)))
+                break
+            now = time.perf_counter()
+            row = {"step": step, "loss": float(losses.mean()), "lr": float(host[-1]["lr"]),
+                   "grad_norm": float(host[-1]["grad_norm"]), "tokens": step * tokens_per_step,
+                   "tokens_per_s": (interval_steps * tokens_per_step / (now - interval_start)
+                                    if interval_steps > 0 else None),
+                   "wall_time_s": prior_wall + now - t0}
+            row.update({k: float(v) for k, v in host[-1].items() if k not in row and k != "ce_loss"})
+            if do_eval:
+                eval_loss = row["eval_loss"] = evaluate(state.params)
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            rows.append(row)
+            if do_ckpt:
+                ckpt.save(step, state, data_iter, {"wall_time_s": row["wall_time_s"]})
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s'] or 0:.3g}")
+            pending, interval_start, interval_steps = [], time.perf_counter(), 0
+    bar.close()
+    ckpt.close()
+
+    counts = models.count_params(cfg.model)
+    fpt = models.flops_per_token(cfg.model, tc.seq_len)["training"]
+    steps_done = diverged_step if diverged_step is not None else tc.steps
+    tail = [r["loss"] for r in rows[-FINAL_LOSS_ROWS:]]
+    summary = {
+        "final_train_loss": float(np.mean(tail)) if tail else None,
+        "final_eval_loss": eval_loss if diverged_step is None else None,
+        "n_params": counts["total"], "n_params_non_embedding": counts["non_embedding"],
+        "flops_per_token": fpt, "steps": steps_done, "tokens": steps_done * tokens_per_step,
+        "flops": fpt * steps_done * tokens_per_step,
+        "wall_time_s": prior_wall + time.perf_counter() - t0,
+        "diverged": diverged_step is not None, "diverged_step": diverged_step,
+    }
+    _write_json_atomic(out / "summary.json", summary)
+    if not quiet:
+        status = (f"DIVERGED at step {diverged_step}" if summary["diverged"] else
+                  f"train loss {summary['final_train_loss']:.4f}, eval loss "
+                  f"{summary['final_eval_loss']:.4f}")
+        print(f"jscale: {out}: {status}, {summary['tokens']:,} tokens, "
+              f"{summary['wall_time_s']:.1f} s", file=sys.stderr)
+    return summary

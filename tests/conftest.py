@@ -1,0 +1,27 @@
+"""Test setup: 8 fake CPU devices for sharding tests, seeded randomness, shared fixtures."""
+
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tokenizer / corpus caches go to a per-session temp dir, never the user's home."""
+    monkeypatch.setenv("JSCALE_CACHE", str(tmp_path_factory.getbasetemp() / "jscale_cache"))
+    yield
