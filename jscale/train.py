@@ -77,7 +77,7 @@ def train_step(state: TrainState, batch: dict[str, Array], *, cfg: RunConfig,
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, cfg.model)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": optim.current_lr(state.opt_state, state.step, cfg.optim), **aux}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -1,11 +1,15 @@
 """Test setup: 8 fake CPU devices for sharding tests, seeded randomness, shared fixtures."""
 
 import os
+import tempfile
 
 # Must happen before jax is imported anywhere.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache per test session: the CLI subprocesses of the resume tests compile
+# the same train step, and reuse (not correctness) is all it changes.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jscale-jax-cache-"))
 
 import random  # noqa: E402
 

@@ -1,0 +1,235 @@
+"""Training end to end: the CLI, outputs, divergence, schedules, and exact resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jscale
+from jscale import optim
+from jscale.train import train
+
+# A very small run (a few seconds of compute) used everywhere below.
+MICRO = ["model.d_model=32", "model.n_layers=2", "model.d_ff=64", "model.n_heads=2",
+         "model.n_kv_heads=1", "train.seq_len=32", "train.batch_size=4", "train.steps=24",
+         "train.log_every=4", "train.eval_every=12", "train.eval_batches=2",
+         "train.checkpoint_every=8", "optim.warmup_steps=4"]
+
+
+def _micro_cfg(**extra):
+    from jscale.config import parse_overrides
+    return jscale.presets.get("tiny").override(parse_overrides(MICRO)).override(extra)
+
+
+def _cli(out: Path, *extra: str, **popen_kw):
+    args = [sys.executable, "-m", "jscale.cli", "train", "--preset", "tiny", "--out", str(out),
+            "--quiet"]
+    for s in MICRO + list(extra):
+        args += ["--set", s]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(), **popen_kw)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get(
+        "PYTHONPATH", "")
+    return env
+
+
+def _finish(proc) -> None:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+
+
+def _rows(out: Path):
+    """metrics.jsonl without the timing fields (which legitimately differ between runs)."""
+    timing = {"tokens_per_s", "wall_time_s"}
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The uninterrupted CLI run that every resumed run must reproduce exactly."""
+    out = tmp_path_factory.mktemp("reference")
+    _finish(_cli(out))
+    return out
+
+
+def test_cli_run_writes_outputs(reference_run):
+    cfg = json.loads((reference_run / "config.json").read_text())
+    assert cfg["model"]["d_model"] == 32 and cfg["train"]["steps"] == 24
+    rows = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4, 8, 12, 16, 20, 24]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "wall_time_s"):
+        assert key in rows[-1]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [12, 24]
+    assert rows[-1]["tokens"] == 24 * 4 * 32
+    assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
+    summary = json.loads((reference_run / "summary.json").read_text())
+    assert summary["final_train_loss"] == pytest.approx(np.mean([r["loss"] for r in rows[-5:]]))
+    assert summary["final_eval_loss"] == rows[-1]["eval_loss"]
+    assert summary["diverged"] is False and summary["tokens"] == 24 * 4 * 32
+    cfg = _micro_cfg()
+    assert summary["n_params"] == jscale.count_params(cfg.model)["total"]
+    assert summary["flops"] == pytest.approx(
+        jscale.flops_per_token(cfg.model, 32)["training"] * 24 * 4 * 32)
+    assert sorted(os.listdir(reference_run / "checkpoints")) == ["16", "24"]  # keep_checkpoints=2
+
+
+SLOW_STEPS = """
+import sys, time
+import jscale.train as t
+make = t.make_train_step
+def slow_make(*args):
+    step = make(*args)
+    def slow_step(state, batch):
+        time.sleep(0.1)  # so the kill below surely lands mid-training, even on a fast machine
+        return step(state, batch)
+    return slow_step
+t.make_train_step = slow_make
+from jscale.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_sigkill_during_training(reference_run, tmp_path):
+    out = tmp_path / "killed"
+    args = ["train", "--preset", "tiny", "--out", str(out), "--quiet"]
+    for s in MICRO:
+        args += ["--set", s]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS, *args], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None:  # kill once it is past the first checkpoint, mid-training
+        if metrics.exists() and "\"step\": 12," in metrics.read_text():
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    _finish(_cli(out))  # the same command resumes
+    assert _rows(out) == _rows(reference_run)
+    assert (json.loads((out / "summary.json").read_text())["final_train_loss"] ==
+            json.loads((reference_run / "summary.json").read_text())["final_train_loss"])
+
+
+KILL_IN_CHECKPOINT_WRITE = """
+import os, signal, sys
+import grain._src.python.checkpoint.handler as h
+original = h.CheckpointHandler.save
+calls = []
+def save_then_die(self, *args, **kwargs):
+    calls.append(1)
+    original(self, *args, **kwargs)
+    if len(calls) == 2:  # the second checkpoint (step 16): die with its files half written
+        os.kill(os.getpid(), signal.SIGKILL)
+h.CheckpointHandler.save = save_then_die
+from jscale.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_sigkill_during_checkpoint_write(reference_run, tmp_path):
+    out = tmp_path / "killed_in_ckpt"
+    args = ["train", "--preset", "tiny", "--out", str(out), "--quiet"]
+    for s in MICRO:
+        args += ["--set", s]
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_CHECKPOINT_WRITE, *args], env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    from jscale.checkpoint import Checkpointer
+    assert Checkpointer(out / "checkpoints").latest_step() == 8  # 16 is incomplete: not restorable
+    _finish(_cli(out))
+    assert _rows(out) == _rows(reference_run)
+
+
+def test_rerun_of_finished_run_is_a_no_op(reference_run):
+    before = (reference_run / "metrics.jsonl").read_text()
+    _finish(_cli(reference_run))
+    assert (reference_run / "metrics.jsonl").read_text() == before
+
+
+def test_rerun_with_different_config_is_refused(reference_run):
+    proc = _cli(reference_run, "optim.lr=0.1")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2
+    assert "different config (optim.lr: 0.003 -> 0.1)" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--preset", "nope", "--out", "x"], "unknown preset 'nope'"),
+    (["train", "--preset", "tiny", "--out", "x", "--set", "optim.nope=1"], "unknown config key"),
+    (["train", "--preset", "tiny", "--out", "x", "--set", "train.steps=abc"], "train.steps: must be"),
+    (["train", "--preset", "tiny"], "the following arguments are required: --out"),
+    (["fly"], "invalid choice: 'fly'"),
+    (["train", "--preset", "tiny", "--out", "x", "--set", "data.path=/does/not/exist.txt"],
+     "data.path"),
+])
+def test_cli_bad_arguments_exit_2_with_one_line(argv, match, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jscale.cli", *argv], env=_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert match in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_cli_presets_and_help():
+    from jscale.cli import main
+    assert main(["presets"]) == 0
+    for argv in (["--help"], ["train", "--help"], ["presets", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+
+
+def test_divergence_stops_cleanly(tmp_path):
+    cfg = _micro_cfg(**{"optim.lr": 1e30, "optim.grad_clip": 0.0, "optim.warmup_steps": 0})
+    summary = train(cfg, tmp_path, quiet=True)
+    assert summary["diverged"] is True and 1 <= summary["diverged_step"] <= 4
+    assert json.loads((tmp_path / "summary.json").read_text())["diverged"] is True
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_schedules(schedule):
+    cfg = jscale.OptimConfig(lr=1.0, warmup_steps=10, schedule=schedule, min_lr_ratio=0.1,
+                             decay_fraction=0.2)
+    opt = optim.make_optimizer(cfg, total_steps=100)
+    state = opt.init({"w_DD": jnp.zeros((2, 2))})
+    lrs = np.array([optim.current_lr(state, s, cfg) for s in range(100)])
+    np.testing.assert_allclose(lrs[:10], np.arange(1, 11) / 10, rtol=1e-6)
+    if schedule == "constant":
+        np.testing.assert_allclose(lrs[10:], 1.0)
+    elif schedule == "cosine":
+        assert np.all(np.diff(lrs[10:]) <= 0) and lrs[-1] == pytest.approx(0.1)
+    else:  # wsd: flat until the last 20 steps, then linear to 0.1
+        np.testing.assert_allclose(lrs[10:80], 1.0)
+        np.testing.assert_allclose(lrs[80:], 1 - 0.9 * np.arange(1, 21) / 20, rtol=1e-6)
+
+
+def test_weight_decay_mask_and_injected_hyperparams():
+    params = jscale.init(jax.random.PRNGKey(0), _micro_cfg().model)
+    mask = optim.decay_mask(params, decay_embeddings=False)
+    assert mask["layers"]["attn"]["w_q_LDHK"] and mask["layers"]["mlp"]["w_down_LFD"]
+    assert not mask["layers"]["attn_norm"]["scale_LD"] and not mask["final_norm"]["scale_D"]
+    assert not mask["embed"]["table_VD"]
+    assert optim.decay_mask(params, decay_embeddings=True)["embed"]["table_VD"]
+
+    # With zero gradients, AdamW's update is pure decay: only masked leaves move.
+    cfg = jscale.OptimConfig(lr=0.1, weight_decay=0.5, warmup_steps=0, schedule="constant")
+    opt = optim.make_optimizer(cfg, total_steps=10)
+    state = opt.init(params)
+    assert set(state.hyperparams) >= {"learning_rate", "weight_decay"}  # injectable for sweeps
+    updates, _ = jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, params), state, params)
+    assert np.any(updates["layers"]["attn"]["w_q_LDHK"] != 0)
+    assert np.all(updates["layers"]["attn_norm"]["scale_LD"] == 0)
+    assert np.all(updates["embed"]["table_VD"] == 0)
