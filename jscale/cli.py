@@ -1,4 +1,4 @@
-"""The ``jscale`` command: ``jscale train``, ``jscale presets``.
+"""The ``jscale`` command: ``jscale train``, ``jscale sweep``, ``jscale presets``.
 
 Bad arguments and impossible configs exit with status 2 and a one-line reason.
 """
@@ -29,6 +29,13 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="output directory (metrics, checkpoints, summary)")
     train.add_argument("--quiet", action="store_true", help="no progress bar or final summary line")
 
+    sweep = sub.add_parser("sweep", help="run an experiment script's grid",
+                           description="Run the grid an experiment script defines (grid(preset)), "
+                                       "then its analyze(df, out_dir). Rerunning resumes.")
+    sweep.add_argument("script", help="path of the experiment script, e.g. experiments/lr_sweep.py")
+    from jscale.sweep.script import add_sweep_arguments
+    add_sweep_arguments(sweep)
+
     sub.add_parser("presets", help="list presets with their sizes",
                    description="List the presets with their parameter counts.")
     return parser
@@ -51,6 +58,18 @@ def _cmd_train(args) -> int:
     return 0  # a diverged run is a result (summary.json says so), not a CLI error
 
 
+def _cmd_sweep(args) -> int:
+    from jscale.config import ConfigError
+    from jscale.sweep.script import load_script, run_script
+
+    try:
+        module = load_script(args.script)
+        return run_script(module.grid, getattr(module, "analyze", None), args)
+    except ConfigError as e:
+        print(f"jscale sweep: error: {e}", file=sys.stderr)
+        return 2
+
+
 def _cmd_presets(args) -> int:
     from jscale import count_params, flops_per_token, presets
 
@@ -68,7 +87,7 @@ def _cmd_presets(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jscale`` console script."""
     args = _build_parser().parse_args(argv)
-    return {"train": _cmd_train, "presets": _cmd_presets}[args.command](args)
+    return {"train": _cmd_train, "sweep": _cmd_sweep, "presets": _cmd_presets}[args.command](args)
 
 
 if __name__ == "__main__":

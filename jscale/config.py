@@ -130,6 +130,8 @@ class TrainConfig:
       eval_batches: validation batches per evaluation (the same batches every time).
       checkpoint_every: save a checkpoint every this many steps (and at the end); 0 = only at the end.
       keep_checkpoints: how many recent checkpoints to keep.
+      flops_budget: the training-FLOP budget this run was sized for (set by
+        :func:`jscale.sweep.isoflop`; recorded in results, changes nothing in training).
     """
 
     steps: int = 100
@@ -141,6 +143,7 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    flops_budget: float | None = None
 
     def __post_init__(self):
         _positive(self, "train", "steps", "batch_size", "seq_len", "log_every", "eval_batches",

@@ -7,3 +7,5 @@ F32_GRAD = dict(rtol=1e-4, atol=1e-6)
 #: analytic flops_per_token vs XLA's cost analysis of the compiled forward pass: XLA also counts
 #: elementwise work (norms, softmax, RoPE, activations) that the matmul-FLOP convention excludes.
 FLOPS_VS_XLA_RTOL = 0.05
+#: A run trained inside a vmapped group vs alone (batched vs plain matmuls; different R).
+SWEEP_VMAP_VS_SEQUENTIAL = dict(rtol=1e-5, atol=1e-6)

@@ -114,30 +114,35 @@ def init(key: Array, cfg: TransformerConfig) -> dict[str, Any]:
                            cfg.d_ff, cfg.vocab_size)
     pd = jnp.dtype(cfg.param_dtype)
     s, out_s = cfg.init_scale, cfg.init_scale / math.sqrt(2 * L)
-    keys = iter(jax.random.split(key, 9))
-
-    def w(shape, fan_in, scale=s):
-        return nn.fan_in_init(next(keys), shape, fan_in, pd, scale)
-
-    attn = {"w_q_LDHK": w((L, D, H, K), D), "w_k_LDGK": w((L, D, G, K), D),
-            "w_v_LDGK": w((L, D, G, K), D), "w_o_LHKD": w((L, H, K, D), H * K, out_s)}
-    if cfg.qk_norm:
-        attn["q_norm"] = {"scale_LK": jnp.ones((L, K), pd)}
-        attn["k_norm"] = {"scale_LK": jnp.ones((L, K), pd)}
-    params = {
-        "embed": {"table_VD": w((V, D), D)},
-        "layers": {
-            "attn_norm": {"scale_LD": jnp.ones((L, D), pd)},
-            "attn": attn,
-            "mlp_norm": {"scale_LD": jnp.ones((L, D), pd)},
-            "mlp": {"w_gate_LDF": w((L, D, F), D), "w_up_LDF": w((L, D, F), D),
-                    "w_down_LFD": w((L, F, D), F, out_s)},
-        },
+    # (path, shape, std) of every random leaf; drawn from one truncated-normal call (one small program
+    # to compile instead of one per leaf).
+    specs = [(("embed", "table_VD"), (V, D), s / math.sqrt(D)),
+             (("layers", "attn", "w_q_LDHK"), (L, D, H, K), s / math.sqrt(D)),
+             (("layers", "attn", "w_k_LDGK"), (L, D, G, K), s / math.sqrt(D)),
+             (("layers", "attn", "w_v_LDGK"), (L, D, G, K), s / math.sqrt(D)),
+             (("layers", "attn", "w_o_LHKD"), (L, H, K, D), out_s / math.sqrt(H * K)),
+             (("layers", "mlp", "w_gate_LDF"), (L, D, F), s / math.sqrt(D)),
+             (("layers", "mlp", "w_up_LDF"), (L, D, F), s / math.sqrt(D)),
+             (("layers", "mlp", "w_down_LFD"), (L, F, D), out_s / math.sqrt(F))]
+    if not cfg.tie_embeddings:
+        specs.append((("head", "w_DV"), (D, V), s / math.sqrt(D)))
+    sizes = [math.prod(shape) for _, shape, _ in specs]
+    z = nn.truncated_normal(key, (sum(sizes),), 1.0, jnp.float32)
+    params: dict[str, Any] = {
+        "layers": {"attn_norm": {"scale_LD": jnp.ones((L, D), pd)},
+                   "mlp_norm": {"scale_LD": jnp.ones((L, D), pd)}},
         "final_norm": {"scale_D": jnp.ones((D,), pd)},
     }
-    head_key = next(keys)
-    if not cfg.tie_embeddings:
-        params["head"] = {"w_DV": nn.fan_in_init(head_key, (D, V), D, pd, s)}
+    offset = 0
+    for (path, shape, std), size in zip(specs, sizes, strict=True):
+        node = params
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = (z[offset:offset + size].reshape(shape) * std).astype(pd)
+        offset += size
+    if cfg.qk_norm:
+        params["layers"]["attn"]["q_norm"] = {"scale_LK": jnp.ones((L, K), pd)}
+        params["layers"]["attn"]["k_norm"] = {"scale_LK": jnp.ones((L, K), pd)}
     return params
 
 

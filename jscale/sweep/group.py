@@ -1,0 +1,239 @@
+"""Training one *group* of runs — runs that share every shape — as one program.
+
+What may differ between the members of a group is data over a leading run axis R (see
+:data:`R_FIELDS`): learning rate, weight decay, warmup, schedule length (``train.steps``), seed
+(initialization and data order) and ``model.init_scale``. Everything else — shapes, dtypes, batch,
+schedule *kind*, Adam's betas, logging cadence — is the group's signature.
+
+Two strategies run the same pure member step:
+
+* ``"vmap"``: init and step ``vmap``-ed over R and jitted once for the group; with ``mesh.runs > 1``
+  the R axis is sharded over a ``runs`` mesh axis, so each device trains its own members.
+* ``"sequential"``: the un-batched step, jitted once for the group and called one member at a time.
+
+Members with fewer steps than the longest stop updating after their own last step (their state is
+frozen by a mask, the loop goes on for the others) and report metrics at their own last step. A member
+whose loss turns NaN/inf is frozen at its last finite state and reported ``diverged``; masking is per
+member, so the other members compute exactly what they would without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jscale import data as data_lib
+from jscale import models, optim
+from jscale import train as train_lib
+from jscale.config import ConfigError, RunConfig
+
+#: Dotted config fields that may differ inside a group (data over R) and their canonical value in
+#: the group signature.
+R_FIELDS = {"optim.lr": 1.0, "optim.weight_decay": 0.0, "optim.warmup_steps": 0, "train.steps": 1,
+            "train.seed": 0, "model.init_scale": 1.0, "train.flops_budget": None}
+
+
+def signature(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with every R field set to its canonical value: equal signatures ⇔ same group."""
+    keys = set(cfg.valid_keys())
+    return cfg.override({k: v for k, v in R_FIELDS.items() if k in keys})
+
+
+def scale_init(params: Any, init_scale: jax.Array) -> Any:
+    """Multiply every weight (``w_*``) and embedding (``table_*``) leaf by ``init_scale``: the same as
+    initializing with ``model.init_scale`` (which scales those leaves' std), with the scale as data."""
+    def leaf(path, x):
+        name = str(path[-1].key)
+        return x * init_scale.astype(x.dtype) if name.startswith(("w_", "table_")) else x
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def _member_data(runs: list[RunConfig]) -> dict[str, np.ndarray]:
+    """Per-member arrays ``[R]``: PRNG keys, init scales and the optimizer's injected hyperparams."""
+    return {
+        "key": np.stack([np.asarray(jax.random.PRNGKey(r.train.seed)) for r in runs]),
+        "init_scale": np.array([getattr(r.model, "init_scale", 1.0) for r in runs], np.float32),
+        "learning_rate": np.array([r.optim.lr for r in runs], np.float32),
+        "weight_decay": np.array([r.optim.weight_decay for r in runs], np.float32),
+        "warmup_steps": np.array([r.optim.warmup_steps for r in runs], np.float32),
+        "total_steps": np.array([r.train.steps for r in runs], np.float32),
+    }
+
+
+@dataclasses.dataclass
+class Programs:
+    """The group's functions over a leading R axis: ``init(member_data) -> (state, alive)``,
+    ``step(state, alive, batch, active) -> (state, alive, metrics)``, ``evaluate(params, batch)``."""
+
+    init: Callable
+    step: Callable
+    evaluate: Callable
+    traces: list  # one entry per trace of the member step (= compilations of the group's step)
+
+
+def build_programs(common: RunConfig, strategy: str, mesh: jax.sharding.Mesh | None) -> Programs:
+    """Jitted init / step / eval for ``strategy`` ("vmap" or "sequential") on ``common``'s shapes."""
+    optimizer = optim.make_optimizer(common.optim, common.train.steps)
+    traces: list = []
+
+    def init_member(d):
+        init_key, rng = jax.random.split(d["key"])
+        params = scale_init(models.init(init_key, common.model), d["init_scale"])
+        opt_state = optimizer.init(params)
+        hp = {k: d[k] for k in ("learning_rate", "weight_decay", "warmup_steps", "total_steps")}
+        opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **hp})
+        state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                     opt_state=opt_state, rng=rng)
+        return state, jnp.ones((), bool)
+
+    def step_member(state, alive, batch, active):
+        traces.append(1)
+        new, metrics = train_lib.train_step(state, batch, cfg=common, optimizer=optimizer)
+        alive = alive & (jnp.isfinite(metrics["loss"]) | ~active)
+        keep_new = active & alive
+        state = jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, state)
+        return state, alive, metrics
+
+    def eval_member(params, batch):
+        return train_lib.loss_fn(params, batch, common.model)[1]["ce_loss"]
+
+    if strategy == "vmap":
+        init, step = jax.vmap(init_member), jax.vmap(step_member)
+        evaluate = jax.vmap(eval_member, in_axes=(0, None))
+    elif strategy == "sequential":  # the un-batched step, R = 1 at a time
+        def unbatched(fn, n_batched):
+            def wrapped(*args):
+                args = [jax.tree.map(lambda x: x[0], a) if i < n_batched else a
+                        for i, a in enumerate(args)]
+                return jax.tree.map(lambda x: x[None], fn(*args))
+            return wrapped
+        init, step = unbatched(init_member, 1), unbatched(step_member, 4)
+        evaluate = unbatched(eval_member, 1)
+    else:
+        raise ConfigError(f"strategy: must be 'vmap' or 'sequential' (got {strategy!r})")
+    if mesh is None:
+        jit = functools.partial(jax.jit)
+    else:
+        runs = NamedSharding(mesh, P("runs"))
+        jit = functools.partial(jax.jit, out_shardings=runs)
+    return Programs(init=jit(init), step=jit(step, donate_argnums=(0, 1)),
+                    evaluate=jax.jit(evaluate), traces=traces)
+
+
+class _MemberLog:
+    """Rows of one member, built like ``train.train``'s ``metrics.jsonl`` rows."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg, self.rows, self.pending = cfg, [], []
+        self.eval_losses: list[float] = []
+        self.diverged_step: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.diverged_step is None
+
+    def add(self, step: int, loss: float, lr: float, grad_norm: float,
+            eval_loss: float | None, row_due: bool) -> None:
+        if not self.running:
+            return
+        if not np.isfinite(loss):
+            self.diverged_step = step
+            return
+        self.pending.append(loss)
+        if row_due or eval_loss is not None:
+            tc = self.cfg.train
+            row = {"step": step, "loss": float(np.mean(self.pending)), "lr": lr,
+                   "grad_norm": grad_norm, "tokens": step * tc.batch_size * tc.seq_len}
+            if eval_loss is not None:
+                row["eval_loss"] = eval_loss
+                self.eval_losses.append(eval_loss)
+            self.rows.append(row)
+            self.pending = []
+
+
+def _due(cfg: RunConfig, step: int) -> tuple[bool, bool]:
+    """(row due, eval due) for a member at ``step`` (1-based)."""
+    tc = cfg.train
+    last = step == tc.steps
+    return (last or step % tc.log_every == 0,
+            last or bool(tc.eval_every and step % tc.eval_every == 0))
+
+
+def run_group(members: list[RunConfig], programs: Programs, corpus: data_lib.Corpus,
+              *, mesh: jax.sharding.Mesh | None = None,
+              on_step: Callable[[float], None] | None = None) -> tuple[list[_MemberLog], float]:
+    """Train ``members`` (one chunk of R) with ``programs``; returns their logs and the wall time.
+
+    ``mesh`` (with a ``runs`` axis) pads R to a multiple of the axis with inactive copies and shards
+    the run axis over it. ``on_step(fraction_of_runs_done)`` is called after every step.
+    """
+    t0 = time.perf_counter()
+    real = len(members)
+    if mesh is not None:
+        n_dev = mesh.shape["runs"]
+        members = members + [members[0]] * (-real % n_dev)
+    R, tc = len(members), members[0].train
+    sharding = None if mesh is None else NamedSharding(mesh, P("runs"))
+
+    def put(x):
+        return x if sharding is None else jax.device_put(x, sharding)
+
+    state, alive = programs.init(put(_member_data(members)))
+    iters = [iter(data_lib.train_dataset(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
+                                         seed=m.train.seed)) for m in members]
+    evals = data_lib.eval_batches(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
+                                  n_batches=tc.eval_batches)
+    logs = [_MemberLog(m) for m in members]
+    steps = np.array([m.train.steps for m in members])
+    steps[real:] = 0  # padding members never train
+    last_batch = [None] * R
+    pending: list[tuple[int, Any]] = []
+    for step in range(1, int(steps.max()) + 1):
+        active = steps >= step
+        for r in range(R):
+            if active[r] and logs[r].running:
+                last_batch[r] = next(iters[r])
+            elif last_batch[r] is None:
+                last_batch[r] = next(iters[r])
+        batch = {k: np.stack([b[k] for b in last_batch]) for k in last_batch[0]}
+        state, alive, metrics = programs.step(state, alive, put(batch), put(active))
+        pending.append((step, metrics))
+        dues = [_due(m, step) if active[r] else (False, False) for r, m in enumerate(members)]
+        if on_step is not None:
+            on_step(float(np.sum(1.0 / steps[:real][active[:real]])))
+        if not any(row or ev for row, ev in dues):
+            continue
+        eval_R = None
+        if any(ev for _, ev in dues):
+            eval_R = np.mean([np.asarray(programs.evaluate(state.params, b)) for b in evals], axis=0)
+        host = jax.device_get(pending)
+        for s, m in host:
+            for r in range(real):
+                if s > steps[r]:
+                    continue
+                row_due, eval_due = _due(members[r], s)
+                ev = float(eval_R[r]) if (s == step and eval_due and eval_R is not None) else None
+                logs[r].add(s, float(m["loss"][r]), float(m["lr"][r]), float(m["grad_norm"][r]),
+                            ev, row_due)
+        pending = []
+    return logs[:real], time.perf_counter() - t0
+
+
+def make_runs_mesh(cfg: RunConfig) -> jax.sharding.Mesh | None:
+    """A 1-D ``runs`` mesh of ``cfg.mesh.runs`` devices (-1: all), or ``None`` for one device."""
+    n = cfg.mesh.runs if cfg.mesh.runs != -1 else jax.device_count()
+    if n == 1:
+        return None
+    if n > jax.device_count():
+        raise ConfigError(f"mesh.runs: must be <= the number of devices ({jax.device_count()})"
+                          f" (got {n})")
+    return jax.sharding.Mesh(np.array(jax.devices()[:n]), ("runs",))

@@ -1,0 +1,69 @@
+"""Experiment scripts: plain Python files that define ``grid(preset) -> list[RunConfig]`` (and may
+define ``analyze(df, out_dir)``). They run as ``python experiments/NAME.py --preset P --out DIR``
+(the script ends with ``if __name__ == "__main__": jscale.sweep.main(grid, analyze)``) or as
+``jscale sweep experiments/NAME.py --preset P --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+from jscale.config import ConfigError
+
+
+def load_script(path: str | Path) -> ModuleType:
+    """Import an experiment script by path; it must define ``grid``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"script: no such file {str(path)!r}")
+    spec = importlib.util.spec_from_file_location(f"jscale_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "grid", None)):
+        raise ConfigError(f"script: {path} defines no grid(preset) function")
+    return module
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options shared by ``jscale sweep`` and ``python experiments/NAME.py``."""
+    parser.add_argument("--preset", required=True, help="the script's grid preset (e.g. cpu, gpu)")
+    parser.add_argument("--out", required=True, help="sweep output directory (results.jsonl, ...)")
+    parser.add_argument("--strategy", default="auto", choices=["auto", "vmap", "sequential"])
+    parser.add_argument("--max-group-size", type=int, default=None,
+                        help="most runs per compiled program (default: what fits in memory)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or group summaries")
+
+
+def run_script(grid: Callable, analyze: Callable | None, args: argparse.Namespace) -> int:
+    """Build the grid for ``args.preset``, run it into ``args.out``, then ``analyze`` the table."""
+    from jscale.sweep.execute import run
+
+    runs = grid(args.preset)
+    df = run(runs, args.out, strategy=args.strategy, max_group_size=args.max_group_size,
+             progress=not args.quiet)
+    n_failed = int((df["status"] == "failed").sum())
+    if analyze is not None:
+        analyze(df, Path(args.out))
+    print(f"jscale sweep: {len(df)} runs ({n_failed} failed) in {args.out}/results.jsonl",
+          file=sys.stderr)
+    return 0
+
+
+def main(grid: Callable, analyze: Callable | None = None, argv: list[str] | None = None) -> None:
+    """Command line of an experiment script (``python experiments/NAME.py --preset P --out DIR``)."""
+    from jscale.cli import _Parser
+
+    parser = _Parser(description=(grid.__doc__ or "").strip().splitlines()[0] if grid.__doc__
+                     else None)
+    add_sweep_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        sys.exit(run_script(grid, analyze, args))
+    except ConfigError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
