@@ -193,11 +193,15 @@ def test_runs_axis_sharded_over_devices(vmap_df, tmp_path):
 
 
 def test_auto_probes_once_and_records_its_choice(tmp_path):
-    df = sweep.run(GROUP_B, tmp_path, strategy="auto", progress=False)
+    runs = sweep.product(BASE, **{"model.d_model": [48], "model.n_heads": [3], "train.seed": [0, 1]})
+    df = sweep.run(runs, tmp_path, strategy="auto", progress=False)
     choices = json.loads((tmp_path / "strategies.json").read_text())
     (probe,) = choices.values()
-    assert df["strategy"].iloc[0] == probe["choice"] in ("vmap", "sequential")
+    assert set(df["strategy"]) == {probe["choice"]} <= {"vmap", "sequential"}
     assert probe["vmap_s_per_step"] > 0 and probe["sequential_s_per_step"] > 0
+    assert df["group_compiles"].iloc[0] == 1  # the probe's compiled program is the one trained with
+    single = sweep.run(GROUP_B, tmp_path / "single", strategy="auto", progress=False)
+    assert single["strategy"].iloc[0] == "sequential"  # one run: nothing to pack, no probe
 
 
 SCRIPT = """

@@ -233,3 +233,18 @@ def test_weight_decay_mask_and_injected_hyperparams():
     assert np.any(updates["layers"]["attn"]["w_q_LDHK"] != 0)
     assert np.all(updates["layers"]["attn_norm"]["scale_LD"] == 0)
     assert np.all(updates["embed"]["table_VD"] == 0)
+
+
+def test_no_recompilation_after_first_step(tmp_path, monkeypatch):
+    import jscale.train as train_module
+    traces = []
+    original = train_module.train_step
+
+    def counting(*args, **kwargs):
+        traces.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", counting)
+    summary = train(_micro_cfg(**{"train.steps": 10, "train.checkpoint_every": 5}), tmp_path,
+                    quiet=True)
+    assert summary["steps"] == 10 and len(traces) == 1

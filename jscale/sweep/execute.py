@@ -100,11 +100,15 @@ class _Strategies:
         self.local = _read_json(self.local_path)
         self.cached = _read_json(self.global_path)
 
-    def choose(self, chunk_key: str, members, common, corpus, mesh) -> tuple[str, dict | None]:
+    def choose(self, chunk_key: str, members, common, corpus, mesh,
+               programs: _ProgramCache) -> tuple[str, dict | None]:
         if chunk_key in self.local:
             return self.local[chunk_key]["choice"], self.local[chunk_key]
         device_key = f"{jax.default_backend()}|{jax.devices()[0].device_kind}|{chunk_key}"
-        probe = self.cached.get(device_key) or _probe(members, common, corpus, mesh)
+        if len(members) == 1:  # nothing to pack: the plain step is the vmapped one minus overhead
+            probe = {"choice": "sequential", "R": 1, "reason": "a single run"}
+        else:
+            probe = self.cached.get(device_key) or _probe(members, common, corpus, mesh, programs)
         self.cached[device_key] = self.local[chunk_key] = probe
         self.global_path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(self.global_path, json.dumps(self.cached, indent=1))
@@ -119,14 +123,29 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _probe(members, common, corpus, mesh) -> dict[str, Any]:
+class _ProgramCache:
+    """One set of jitted programs per (group, strategy): the ``auto`` probe compiles them, the run
+    reuses them, so choosing costs one extra compilation (the strategy not chosen), not two."""
+
+    def __init__(self):
+        self._programs: dict[tuple[str, str], group_lib.Programs] = {}
+
+    def get(self, common: RunConfig, strategy: str, mesh) -> group_lib.Programs:
+        key = (run_id(common), strategy)
+        if key not in self._programs:
+            self._programs[key] = group_lib.build_programs(
+                common, strategy, mesh if strategy == "vmap" else None)
+        return self._programs[key]
+
+
+def _probe(members, common, corpus, mesh, programs: _ProgramCache) -> dict[str, Any]:
     """Time ``PROBE_STEPS`` steps of the chunk under both strategies (compilation excluded)."""
     tc = common.train
     batch1 = data_lib.eval_batches(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
                                    n_batches=1)[0]
     times = {}
     for strategy, R in (("vmap", len(members)), ("sequential", 1)):
-        progs = group_lib.build_programs(common, strategy, mesh if strategy == "vmap" else None)
+        progs = programs.get(common, strategy, mesh)
         state, alive = progs.init(group_lib._member_data(members[:R]))
         batch = {k: np.broadcast_to(v, (R, *v.shape)) for k, v in batch1.items()}
         active = np.ones(R, bool)
@@ -176,7 +195,7 @@ def run(runs: Sequence[RunConfig | InvalidRun], out_dir: str | os.PathLike, *,
     bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo) + len(invalid), unit="run",
                desc="sweep", disable=not progress, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} runs [{elapsed}<{remaining}]{postfix}")
-    strategies = _Strategies(out)
+    strategies, programs = _Strategies(out), _ProgramCache()
     corpora: dict[tuple, data_lib.Corpus] = {}
     for gi, (gid, members) in enumerate(groups.items(), 1):
         common = group_lib.signature(members[0])
@@ -185,7 +204,7 @@ def run(runs: Sequence[RunConfig | InvalidRun], out_dir: str | os.PathLike, *,
             t_start = bar.n
             try:
                 rows, summary = _run_chunk(chunk, common, gid, f"{gid}/{ci}/{len(chunk)}", strategy,
-                                           strategies, corpora, store, bar)
+                                           strategies, programs, corpora, store, bar)
             except Exception as e:  # noqa: BLE001 — a failing group must not end the sweep
                 error = f"{type(e).__name__}: {e}"
                 rows = [_row(m, gid, status="failed", error=error) for m in chunk]
@@ -198,10 +217,12 @@ def run(runs: Sequence[RunConfig | InvalidRun], out_dir: str | os.PathLike, *,
                 bar.write(f"group {gid} chunk {ci} ({len(chunk)} runs): {summary}")
     bar.close()
     frame = store.frame()
+    if frame.empty:
+        return frame
     return frame[frame["run_id"].isin(wanted)].set_index("run_id").loc[list(wanted)].reset_index()
 
 
-def _run_chunk(chunk, common, gid, chunk_key, strategy, strategies, corpora, store, bar):
+def _run_chunk(chunk, common, gid, chunk_key, strategy, strategies, programs, corpora, store, bar):
     key = (json.dumps(common.to_dict()["data"], sort_keys=True), common.model.vocab_size,
            common.train.seq_len)
     if key not in corpora:
@@ -211,13 +232,12 @@ def _run_chunk(chunk, common, gid, chunk_key, strategy, strategies, corpora, sto
     mesh = group_lib.make_runs_mesh(common)
     probe = None
     if strategy == "auto":
-        strategy, probe = strategies.choose(chunk_key, chunk, common, corpus, mesh)
+        strategy, probe = strategies.choose(chunk_key, chunk, common, corpus, mesh, programs)
     on_step = (lambda frac: bar.update(frac)) if not bar.disable else None
+    progs = programs.get(common, strategy, mesh)
     if strategy == "vmap":
-        progs = group_lib.build_programs(common, "vmap", mesh)
         logs, wall = group_lib.run_group(chunk, progs, corpus, mesh=mesh, on_step=on_step)
     else:
-        progs = group_lib.build_programs(common, "sequential", None)
         logs, wall = [], 0.0
         for member in chunk:
             (log,), w = group_lib.run_group([member], progs, corpus, on_step=on_step)
@@ -228,11 +248,15 @@ def _run_chunk(chunk, common, gid, chunk_key, strategy, strategies, corpora, sto
     for row, log in zip(rows, logs, strict=True):
         store.write_curve(row["run_id"], log.rows)
     for row in rows:
-        row["group_compiles"] = len(progs.traces)
+        row["group_compiles"] = len(progs.traces)  # traces of this strategy's step (probe included)
     n_div = sum(r["diverged"] for r in rows)
     best = min((r["final_eval_loss"] for r in rows if r["final_eval_loss"] is not None),
                default=math.nan)
-    chosen = strategy if probe is None else (
-        f"auto→{strategy} (vmap {probe['vmap_s_per_step']:.3g} s/step vs sequential "
-        f"{probe['sequential_s_per_step']:.3g} s/step)")
+    if probe is None:
+        chosen = strategy
+    elif "reason" in probe:
+        chosen = f"auto→{strategy} ({probe['reason']})"
+    else:
+        chosen = (f"auto→{strategy} (vmap {probe['vmap_s_per_step']:.3g} s/step vs sequential "
+                  f"{probe['sequential_s_per_step']:.3g} s/step)")
     return rows, f"{chosen}, {wall:.1f} s, best eval loss {best:.4f}, {n_div} diverged"
