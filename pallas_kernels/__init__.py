@@ -1,0 +1,1 @@
+from pallas_kernels.flash_attention import flash_attention as flash_attention

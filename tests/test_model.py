@@ -171,7 +171,7 @@ def test_every_preset_builds_and_runs(name):
     (dict(n_layers=0), r"model\.n_layers: must be > 0"),
     (dict(dtype="float64"), r"model\.dtype: must be one of"),
     (dict(remat="sometimes"), r"model\.remat: must be one of"),
-    (dict(attention_impl="pallas"), r"model\.attention_impl: must be 'xla'"),
+    (dict(attention_impl="cuda"), r"model\.attention_impl: must be 'xla' or 'pallas'"),
 ])
 def test_bad_model_config_raises(kwargs, match):
     with pytest.raises(jscale.ConfigError, match=match):

@@ -9,3 +9,10 @@ F32_GRAD = dict(rtol=1e-4, atol=1e-6)
 FLOPS_VS_XLA_RTOL = 0.05
 #: A run trained inside a vmapped group vs alone (batched vs plain matmuls; different R).
 SWEEP_VMAP_VS_SEQUENTIAL = dict(rtol=1e-5, atol=1e-6)
+#: Flash-attention kernel vs the one-shot reference, float32: the same math with the softmax sum
+#: blocked and rescaled online (values and gradients are O(1), hence the absolute floor).
+FLASH_F32 = dict(rtol=1e-5, atol=1e-5)
+#: Flash-attention kernel vs the reference, bfloat16 inputs and outputs: two bf16 ulps (2^-6).
+FLASH_BF16 = dict(rtol=1.6e-2, atol=1.6e-2)
+#: Per-step losses of 20 float32 training steps, flash-attention kernel vs XLA attention.
+FLASH_TRAIN_LOSS = dict(rtol=1e-5, atol=1e-6)

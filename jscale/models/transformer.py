@@ -50,7 +50,8 @@ class TransformerConfig:
       dtype: compute dtype of activations and matmuls ("float32", "bfloat16", "float16").
       param_dtype: storage dtype of parameters.
       remat: rematerialization policy of the layer body (see ``REMAT_POLICIES``).
-      attention_impl: "xla" (``jax.nn.dot_product_attention``; the Pallas kernel arrives later).
+      attention_impl: "xla" (``jax.nn.dot_product_attention``) or "pallas" (the flash-attention
+        kernel ``pallas_kernels.flash_attention``; interpret mode on CPU).
       scan_layers: run blocks with ``lax.scan`` (True) or a Python loop over the same stacked
         parameters (False: longer compiles, identical math; used to check the scan).
     """
@@ -71,7 +72,7 @@ class TransformerConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     remat: Literal["none", "full", "dots", "dots_no_batch", "save_attention"] = "none"
-    attention_impl: Literal["xla"] = "xla"
+    attention_impl: Literal["xla", "pallas"] = "xla"
     scan_layers: bool = True
 
     def __post_init__(self):
@@ -93,8 +94,8 @@ class TransformerConfig:
               self.param_dtype)
         check(self.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}",
               self.remat)
-        check(self.attention_impl == "xla", "model.attention_impl",
-              "must be 'xla' (the Pallas kernel is not available yet)", self.attention_impl)
+        check(self.attention_impl in ("xla", "pallas"), "model.attention_impl",
+              "must be 'xla' or 'pallas'", self.attention_impl)
 
     @property
     def k(self) -> int:
@@ -154,9 +155,14 @@ def attention(q_BTHK: Array, k_BSGK: Array, v_BSGK: Array, *, segment_ids_BT: Ar
               impl: str) -> Array:
     """Causal grouped-query attention; the one place an attention implementation is chosen.
 
-    ``impl="xla"`` uses ``jax.nn.dot_product_attention`` (GQA without repeating K/V per query head).
-    With ``segment_ids_BT`` a token attends only to earlier tokens of its own segment (packed documents).
+    ``impl="xla"`` uses ``jax.nn.dot_product_attention`` (GQA without repeating K/V per query head);
+    ``impl="pallas"`` the flash-attention kernel. With ``segment_ids_BT`` a token attends only to
+    earlier tokens of its own segment (packed documents).
     """
+    if impl == "pallas":
+        from pallas_kernels.flash_attention import flash_attention
+        return flash_attention(q_BTHK, k_BSGK, v_BSGK, causal=True, segment_ids=segment_ids_BT,
+                               impl="pallas")
     if impl != "xla":
         raise ValueError(f"attention impl {impl!r} is not available")
     mask = None if segment_ids_BT is None else nn.segment_mask(segment_ids_BT)

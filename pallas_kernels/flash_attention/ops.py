@@ -1,0 +1,199 @@
+"""``flash_attention``: the public op — impl switch, block defaults, padding, layout, custom_vjp.
+
+Semantics (causal alignment, segment ids, GQA, empty rows) are those of
+:func:`pallas_kernels.flash_attention.reference.attention_reference`; the kernels are described in
+:mod:`pallas_kernels.flash_attention.kernel`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import kernel
+from pallas_kernels.flash_attention.reference import attention_reference, split_segment_ids
+
+Array = jax.Array
+IMPLS = ("auto", "pallas", "xla")
+PLATFORMS = ("gpu", "tpu")
+
+#: Default tiles ``(block_q, block_k)`` of the forward and of both backward kernels, by where the
+#: kernel runs. Starting points, not tuned (no GPU or TPU was at hand): GPU — FlashAttention-2-style
+#: Triton tiles (128×64 forward; 64×64 backward, where the dk/dv and recomputed p/ds tiles share
+#: registers); TPU — 512-wide tiles keep the MXU busy and amortize the fixed cost of a grid step,
+#: halved in the backward for VMEM; CPU (interpret mode) — large tiles, fewer interpreted steps.
+DEFAULT_BLOCKS: dict[str, dict[str, tuple[int, int]]] = {
+    "gpu": {"fwd": (128, 64), "bwd": (64, 64)},
+    "tpu": {"fwd": (512, 512), "bwd": (256, 256)},
+    "cpu": {"fwd": (128, 128), "bwd": (128, 128)},
+}
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def _fit_block(block: int, length: int, *, variant: str, interpret: bool, axis: str) -> int:
+    """Shrink ``block`` for short sequences and check it against the target's tiling rules."""
+    if interpret:
+        align = 8
+        fitted = min(block, _round_up(length, align))
+        ok = block % align == 0
+        rule = "a multiple of 8"
+    elif variant == "gpu":  # Triton: power-of-two tiles, at least 16 for tensor-core dots
+        fitted = min(block, max(16, _next_pow2(length)))
+        ok = block >= 16 and block == _next_pow2(block)
+        rule = "a power of two >= 16 (Triton)"
+    else:  # Mosaic TPU: both tile dims are lane dims somewhere (scores, p^T, segment ids)
+        fitted = min(block, _round_up(length, 128))
+        ok = block % 128 == 0
+        rule = "a multiple of 128 (Mosaic TPU)"
+    if not ok:
+        raise ValueError(f"block_{axis}={block} must be {rule}")
+    return fitted
+
+
+def make_spec(q_shape, k_shape, *, causal: bool, scale: float, segments: bool, variant: str,
+              interpret: bool, block_q: int | None, block_k: int | None) -> kernel.Spec:
+    """The static kernel description: tiles fitted to the lengths, padded lengths, launch params."""
+    _, T, H, K = q_shape
+    S, G = k_shape[1], k_shape[2]
+    where = "cpu" if interpret else variant
+    fitted = {}
+    for phase in ("fwd", "bwd"):
+        dq, dk = DEFAULT_BLOCKS[where][phase]
+        fitted[phase] = (
+            _fit_block(block_q or dq, T, variant=variant, interpret=interpret, axis="q"),
+            _fit_block(block_k or dk, S, variant=variant, interpret=interpret, axis="k"))
+    (bq, bk), (bq_b, bk_b) = fitted["fwd"], fitted["bwd"]
+    return kernel.Spec(
+        variant=variant, causal=causal, scale=float(scale), t=T, s=S,
+        t_pad=_round_up(T, math.lcm(bq, bq_b)), s_pad=_round_up(S, math.lcm(bk, bk_b)),
+        rep=H // G, block_q=bq, block_k=bk, block_q_bwd=bq_b, block_k_bwd=bk_b,
+        segments=segments, interpret=interpret,
+        num_warps=4 if K <= 64 else 8, num_stages=2)
+
+
+# -------------------------------------------------------------------------------------------------
+# custom_vjp over kernel-layout, padded arrays
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(spec: kernel.Spec, q, k, v, q_seg, kv_seg):
+    return kernel.forward(q, k, v, q_seg, kv_seg, spec)[0]
+
+
+def _flash_fwd(spec: kernel.Spec, q, k, v, q_seg, kv_seg):
+    out, lse = kernel.forward(q, k, v, q_seg, kv_seg, spec)
+    return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _flash_bwd(spec: kernel.Spec, residuals, do):
+    q, k, v, q_seg, kv_seg, out, lse = residuals
+    delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+    if spec.variant == "gpu":  # [B, T, H] -> [B, H, T, 1]
+        delta = jnp.swapaxes(delta, 1, 2)[..., None]
+    else:  # [B, H, T] -> lane-replicated [B, H, T, 128]
+        delta = jnp.broadcast_to(delta[..., None], lse.shape)
+    dq, dk, dv = kernel.backward(q, k, v, q_seg, kv_seg, lse, delta, do.astype(q.dtype), spec)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# -------------------------------------------------------------------------------------------------
+# the public op
+
+
+def _pad_axis(x: Array, axis: int, new: int, value=0) -> Array:
+    if x.shape[axis] == new:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, new - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def flash_attention(q_BTHK: Array, k_BSGK: Array, v_BSGK: Array, *, causal: bool = True,
+                    segment_ids=None, scale: float | None = None, block_q: int | None = None,
+                    block_k: int | None = None,
+                    impl: Literal["auto", "pallas", "xla"] = "auto",
+                    interpret: bool | None = None,
+                    platform: Literal["gpu", "tpu"] | None = None) -> Array:
+    """Memory-efficient softmax attention with grouped-query heads and packed sequences.
+
+    Args:
+      q_BTHK: queries ``[B, T, H, K]`` (float32, bfloat16 or float16).
+      k_BSGK, v_BSGK: keys and values ``[B, S, G, K]``, same dtype; ``G`` divides ``H``.
+      causal: query ``t`` sees keys ``s <= t`` (top-left aligned when ``T != S``).
+      segment_ids: None, an int ``[B, T]`` array (``T == S``) or a pair ``(q_BT, kv_BS)``; a query
+        attends only to keys with its id. A query that sees no key outputs zeros.
+      scale: score scale; default ``K ** -0.5``.
+      block_q, block_k: tile sizes for the forward and backward kernels; default per platform
+        (``DEFAULT_BLOCKS``), shrunk for short sequences. Any length works: inputs are padded to a
+        multiple of the tile internally.
+      impl: "pallas" runs the kernel; "xla" the pure-jnp reference; "auto" the kernel on GPU/TPU and
+        XLA on CPU.
+      interpret: run the kernel in Pallas's interpreter; default: on CPU.
+      platform: which kernel variant to run, "gpu" (Triton, loop schedule) or "tpu" (Mosaic TPU,
+        grid schedule); default: the default backend's, "gpu" on CPU. Lets CPU tests run either.
+
+    Returns:
+      ``[B, T, H, K]`` in ``q``'s dtype. Differentiable in ``q``, ``k``, ``v`` (a ``custom_vjp``
+      whose backward kernels recompute attention from the saved log-sum-exp).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if q_BTHK.ndim != 4 or k_BSGK.ndim != 4 or v_BSGK.shape != k_BSGK.shape:
+        raise ValueError(f"expected q [B, T, H, K] and k, v [B, S, G, K]; got {q_BTHK.shape}, "
+                         f"{k_BSGK.shape}, {v_BSGK.shape}")
+    B, T, H, K = q_BTHK.shape
+    S, G = k_BSGK.shape[1], k_BSGK.shape[2]
+    if k_BSGK.shape[0] != B or k_BSGK.shape[3] != K or H % G:
+        raise ValueError(f"k/v {k_BSGK.shape} do not fit q {q_BTHK.shape}: same B and K needed, "
+                         "and G must divide H")
+    if not (q_BTHK.dtype == k_BSGK.dtype == v_BSGK.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q_BTHK.dtype}, {k_BSGK.dtype}, {v_BSGK.dtype}")
+    scale = K**-0.5 if scale is None else scale
+    backend = jax.default_backend()
+    if impl == "auto":
+        impl = "pallas" if backend in ("gpu", "tpu") else "xla"
+    if impl == "xla":
+        return attention_reference(q_BTHK, k_BSGK, v_BSGK, causal=causal, segment_ids=segment_ids,
+                                   scale=scale)
+
+    variant = platform or ("tpu" if backend == "tpu" else "gpu")
+    if variant not in PLATFORMS:
+        raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
+    interpret = (backend == "cpu") if interpret is None else bool(interpret)
+    q_seg_BT, kv_seg_BS = split_segment_ids(segment_ids, T, S)
+    spec = make_spec(q_BTHK.shape, k_BSGK.shape, causal=causal, scale=scale,
+                     segments=q_seg_BT is not None, variant=variant, interpret=interpret,
+                     block_q=block_q, block_k=block_k)
+
+    # Padding: sequences to whole tiles; the head dim to a power of two for Triton.
+    k_pad = max(16, _next_pow2(K)) if variant == "gpu" else K
+    q = _pad_axis(_pad_axis(q_BTHK, 1, spec.t_pad), 3, k_pad)
+    k = _pad_axis(_pad_axis(k_BSGK, 1, spec.s_pad), 3, k_pad)
+    v = _pad_axis(_pad_axis(v_BSGK, 1, spec.s_pad), 3, k_pad)
+    q_seg = kv_seg = None
+    if spec.segments:
+        q_seg = _pad_axis(q_seg_BT, 1, spec.t_pad, -1)[:, :, None]
+        kv_seg = _pad_axis(kv_seg_BS, 1, spec.s_pad, -1)[:, None, :]
+    if variant == "tpu":  # [B, H, T, K] layout; segment ids in (8, 128)-tileable shapes
+        q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+        if spec.segments:
+            q_seg = jnp.broadcast_to(q_seg, (B, spec.t_pad, kernel.TPU_LANES))
+            kv_seg = jnp.broadcast_to(kv_seg, (B, kernel.TPU_SUBLANES, spec.s_pad))
+    out = _flash(spec, q, k, v, q_seg, kv_seg)
+    if variant == "tpu":
+        out = jnp.swapaxes(out, 1, 2)
+    return out[:, :T, :, :K]
