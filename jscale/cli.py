@@ -48,7 +48,7 @@ def _cmd_train(args) -> int:
 
     try:
         cfg = presets.get(args.preset).override(parse_overrides(args.overrides))
-        summary = train(cfg, args.out, quiet=args.quiet)
+        train(cfg, args.out, quiet=args.quiet)
     except KeyError as e:  # unknown preset
         print(f"jscale train: error: {e.args[0]}", file=sys.stderr)
         return 2
@@ -72,14 +72,16 @@ def _cmd_sweep(args) -> int:
 
 def _cmd_presets(args) -> int:
     from jscale import count_params, flops_per_token, presets
+    from jscale.config import model_family
 
+    shape_keys = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "d_state", "expand")
     for name in presets.names():
         cfg = presets.get(name)
         m, t = cfg.model, cfg.train
         n = count_params(m)
+        shape = " ".join(f"{k}={getattr(m, k)}" for k in shape_keys if hasattr(m, k))
         print(f"{name:12s} {n['total'] / 1e6:7.3f} M params ({n['non_embedding'] / 1e6:.3f} M "
-              f"non-embedding)  d_model={m.d_model} n_layers={m.n_layers} n_heads={m.n_heads} "
-              f"n_kv_heads={m.n_kv_heads} d_ff={m.d_ff}  T={t.seq_len} B={t.batch_size} "
+              f"non-embedding)  {model_family(m)}: {shape}  T={t.seq_len} B={t.batch_size} "
               f"steps={t.steps}  {flops_per_token(m, t.seq_len)['training'] / 1e6:.2f} MFLOP/token")
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from jscale.config import OptimConfig, RunConfig, TrainConfig
-from jscale.models import TransformerConfig
+from jscale.models import MambaConfig, TransformerConfig
 
 _PRESETS: dict[str, Callable[[], RunConfig]] = {}
 
@@ -46,6 +46,30 @@ def small() -> RunConfig:
                           eval_batches=8, checkpoint_every=200),
     )
 
+
+@preset
+def mamba_tiny() -> RunConfig:
+    """~0.5 M parameters: Mamba-1 (D 128, 4 layers, N 16, expand 2), byte tokens, T 128, batch 16.
+
+    A Mamba block has ~6·D² parameters, a transformer layer ~12·D²: twice the layers of ``tiny``.
+    """
+    return RunConfig(
+        model=MambaConfig(d_model=128, n_layers=4, d_state=16, d_conv=4, expand=2),
+        optim=OptimConfig(lr=3e-3, warmup_steps=10),
+        train=TrainConfig(steps=100, batch_size=16, seq_len=128, log_every=10, eval_every=50,
+                          eval_batches=4, checkpoint_every=50),
+    )
+
+
+@preset
+def mamba_small() -> RunConfig:
+    """~3.6 M parameters: Mamba-1 (D 256, 8 layers, N 16, expand 2), byte tokens, T 256, B 16."""
+    return RunConfig(
+        model=MambaConfig(d_model=256, n_layers=8, d_state=16, d_conv=4, expand=2),
+        optim=OptimConfig(lr=2e-3, warmup_steps=50),
+        train=TrainConfig(steps=1000, batch_size=16, seq_len=256, log_every=20, eval_every=200,
+                          eval_batches=8, checkpoint_every=200),
+    )
 
 def names() -> list[str]:
     """Names of all presets."""

@@ -1,1 +1,2 @@
 from pallas_kernels.flash_attention import flash_attention as flash_attention
+from pallas_kernels.selective_scan import selective_scan as selective_scan

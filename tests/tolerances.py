@@ -16,3 +16,13 @@ FLASH_F32 = dict(rtol=1e-5, atol=1e-5)
 FLASH_BF16 = dict(rtol=1.6e-2, atol=1.6e-2)
 #: Per-step losses of 20 float32 training steps, flash-attention kernel vs XLA attention.
 FLASH_TRAIN_LOSS = dict(rtol=1e-5, atol=1e-6)
+#: Selective-scan kernel vs the lax.scan oracle, float32 gradients. The kernel accumulates the
+#: adjoint in another order (per-chunk recompute, per-block partial sums); dA, dD and d(delta_bias)
+#: are sums of B·T terms of size up to ~20 that can cancel to ~1e-2, leaving ~1e-5 of absolute
+#: rounding.
+SCAN_GRAD = dict(rtol=1e-4, atol=5e-5)
+#: Selective scan with bfloat16 inputs and output (float32 state) vs the reference on the same
+#: inputs: both round one float32 result to bf16, so they may differ by one bf16 ulp (2^-8).
+SCAN_BF16 = dict(rtol=8e-3, atol=8e-3)
+#: Logged losses of 20 float32 training steps, selective-scan kernel vs the XLA scan.
+SCAN_TRAIN_LOSS = dict(rtol=1e-5, atol=1e-6)

@@ -14,7 +14,8 @@ from typing import Any
 import jax
 
 from jscale.config import ConfigError, register_model_config
-from jscale.models import transformer
+from jscale.models import mamba, transformer
+from jscale.models.mamba import MambaConfig
 from jscale.models.transformer import TransformerConfig
 
 _FAMILIES: dict[type, types.ModuleType] = {}
@@ -27,6 +28,7 @@ def register(family: str, config_cls: type, module: types.ModuleType) -> None:
 
 
 register("transformer", TransformerConfig, transformer)
+register("mamba", MambaConfig, mamba)
 
 
 def family_module(cfg: Any) -> types.ModuleType:

@@ -193,7 +193,7 @@ def run(runs: Sequence[RunConfig | InvalidRun], out_dir: str | os.PathLike, *,
             groups.setdefault(run_id(group_lib.signature(r)), []).append(r)
 
     bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo) + len(invalid), unit="run",
-               desc="sweep", disable=not progress, dynamic_ncols=True,
+               desc="sweep", disable=not progress, dynamic_ncols=True, smoothing=0.05,
                bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} runs [{elapsed}<{remaining}]{postfix}")
     strategies, programs = _Strategies(out), _ProgramCache()
     corpora: dict[tuple, data_lib.Corpus] = {}
