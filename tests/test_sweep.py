@@ -1,6 +1,7 @@
 """Sweeps: grids, grouping, vmap ≡ sequential, one compile per group, divergence isolation, the
 results store, failures, the runs mesh axis, and kill-and-resume equality."""
 
+import dataclasses
 import json
 import math
 import signal
@@ -118,11 +119,11 @@ def test_isoflop_budgets_hit():
     assert len(explicit) == 2
 
 
-def test_init_scale_as_data_matches_config():
-    cfg = BASE.model
+@pytest.mark.parametrize("cfg", [BASE.model, jscale.MambaConfig(d_model=16, n_layers=1, d_state=4)])
+def test_init_scale_as_data_matches_config(cfg):
     key = jax.random.PRNGKey(3)
-    scaled = group_lib.scale_init(jscale.init(key, cfg), np.float32(0.5))
-    direct = jscale.init(key, cfg.__class__(**{**cfg.__dict__, "init_scale": 0.5}))
+    scaled = jscale.models.scale_init(jscale.init(key, cfg), np.float32(0.5), cfg)
+    direct = jscale.init(key, dataclasses.replace(cfg, init_scale=0.5))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **F32_REORDER), scaled, direct)
 
 
@@ -262,3 +263,14 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     key = "run_id"
     assert (_comparable(full.sort_values(key).reset_index(drop=True)) ==
             _comparable(resumed.sort_values(key).reset_index(drop=True)))
+
+
+def test_mamba_runs_in_a_sweep(tmp_path):
+    base = jscale.presets.get("mamba-tiny").override(parse_overrides(
+        ["model.d_model=16", "model.n_layers=1", "model.d_state=4", "train.seq_len=32",
+         "train.batch_size=4", "train.steps=6", "train.log_every=3", "train.eval_every=0",
+         "train.eval_batches=1"]))
+    runs = sweep.product(base, **{"train.seed": [0, 1], "model.init_scale": [1.0, 0.5]})
+    df = sweep.run(runs, tmp_path, strategy="vmap", progress=False)
+    assert df["group_id"].nunique() == 1 and set(df["status"]) == {"ok"}
+    assert np.all(np.isfinite(df["final_eval_loss"])) and df["final_eval_loss"].nunique() == 4

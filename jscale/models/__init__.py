@@ -1,8 +1,8 @@
 """Model families, dispatched on the config type.
 
 Each family is one module exposing ``init(key, cfg)``, ``apply(params, tokens_BT, cfg, *,
-segment_ids_BT=None) -> (logits_BTV, aux)``, ``count_params(cfg)`` and ``flops_per_token(cfg,
-seq_len)``, plus its frozen config class. Registering the module here is all a new family needs.
+segment_ids_BT=None) -> (logits_BTV, aux)``, ``count_params(cfg)``, ``flops_per_token(cfg,
+seq_len)`` and ``scale_init(params, init_scale)``, plus its frozen config class. Registering the module here is all a new family needs.
 """
 
 from __future__ import annotations
@@ -65,3 +65,9 @@ def count_params(cfg: Any) -> dict[str, int]:
 def flops_per_token(cfg: Any, seq_len: int, **kwargs) -> dict[str, float]:
     """Model FLOPs per token ``{"forward", "training"}``; see the family's docstring for conventions."""
     return family_module(cfg).flops_per_token(cfg, seq_len, **kwargs)
+
+
+def scale_init(params: dict[str, Any], init_scale: jax.Array, cfg: Any) -> dict[str, Any]:
+    """Parameters initialized with ``init_scale=1`` → as if initialized with ``init_scale``, which may
+    be a traced array (how a sweep varies the init scale per run without recompiling)."""
+    return family_module(cfg).scale_init(params, init_scale)

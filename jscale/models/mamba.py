@@ -199,6 +199,20 @@ def init(key: Array, cfg: MambaConfig) -> dict[str, Any]:
 # apply
 
 
+#: Leaves whose std ``init_scale`` multiplies (the truncated-normal ones; the conv, Δ projection and
+#: SSM parameters keep the original's initialization).
+INIT_SCALED = ("table_VD", "w_in_x_LDF", "w_in_z_LDF", "w_x_dt_LFK", "w_x_b_LFN", "w_x_c_LFN",
+               "w_out_LFD", "w_DV")
+
+
+def scale_init(params: dict[str, Any], init_scale: Array) -> dict[str, Any]:
+    """``params`` made with ``init_scale=1`` → as if made with ``init_scale`` (a traced array, so a
+    sweep can vary it per run): the :data:`INIT_SCALED` leaves scale by it."""
+    def leaf(path, x):
+        return x * init_scale.astype(x.dtype) if str(path[-1].key) in INIT_SCALED else x
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
 def causal_conv(x_BTF: Array, w_WF: Array, b_F: Array | None, *,
                 segment_ids_BT: Array | None = None) -> Array:
     """Causal depthwise conv: ``out[t] = Σ_k w[k] x[t - (W-1) + k] (+ b)`` (PyTorch's Conv1d with

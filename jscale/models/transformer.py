@@ -147,6 +147,15 @@ def init(key: Array, cfg: TransformerConfig) -> dict[str, Any]:
     return params
 
 
+def scale_init(params: dict[str, Any], init_scale: Array) -> dict[str, Any]:
+    """``params`` made with ``init_scale=1`` → as if made with ``init_scale`` (a traced array, so a
+    sweep can vary it per run): every random leaf — weights ``w_*`` and the table — scales by it."""
+    def leaf(path, x):
+        name = str(path[-1].key)
+        return x * init_scale.astype(x.dtype) if name.startswith(("w_", "table_")) else x
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
 # ---------------------------------------------------------------------------------------------------
 # apply
 

@@ -48,15 +48,6 @@ def signature(cfg: RunConfig) -> RunConfig:
     return cfg.override({k: v for k, v in R_FIELDS.items() if k in keys})
 
 
-def scale_init(params: Any, init_scale: jax.Array) -> Any:
-    """Multiply every weight (``w_*``) and embedding (``table_*``) leaf by ``init_scale``: the same as
-    initializing with ``model.init_scale`` (which scales those leaves' std), with the scale as data."""
-    def leaf(path, x):
-        name = str(path[-1].key)
-        return x * init_scale.astype(x.dtype) if name.startswith(("w_", "table_")) else x
-    return jax.tree_util.tree_map_with_path(leaf, params)
-
-
 def _member_data(runs: list[RunConfig]) -> dict[str, np.ndarray]:
     """Per-member arrays ``[R]``: PRNG keys, init scales and the optimizer's injected hyperparams."""
     return {
@@ -87,7 +78,7 @@ def build_programs(common: RunConfig, strategy: str, mesh: jax.sharding.Mesh | N
 
     def init_member(d):
         init_key, rng = jax.random.split(d["key"])
-        params = scale_init(models.init(init_key, common.model), d["init_scale"])
+        params = models.scale_init(models.init(init_key, common.model), d["init_scale"], common.model)
         opt_state = optimizer.init(params)
         hp = {k: d[k] for k in ("learning_rate", "weight_decay", "warmup_steps", "total_steps")}
         opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **hp})
