@@ -23,7 +23,7 @@ def test_presets_listed_and_sized(tiny):
 
 
 def test_unknown_preset_lists_names():
-    with pytest.raises(KeyError, match="presets: small, tiny"):
+    with pytest.raises(KeyError, match="presets: mamba-small, mamba-tiny, small, tiny"):
         jscale.presets.get("huge")
 
 
