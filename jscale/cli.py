@@ -1,4 +1,4 @@
-"""The ``jscale`` command: ``jscale train``, ``jscale sweep``, ``jscale presets``.
+"""The ``jscale`` command: ``jscale train``, ``jscale sweep``, ``jscale presets``, ``jscale fit``.
 
 Bad arguments and impossible configs exit with status 2 and a one-line reason.
 """
@@ -38,6 +38,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list presets with their sizes",
                    description="List the presets with their parameter counts.")
+
+    fit = sub.add_parser("fit", help="fit scaling laws to a sweep's results",
+                         description="Fit a law to RESULTS_DIR/results.jsonl, print parameters with "
+                                     "bootstrap intervals and compute-optimal N and D, and write "
+                                     "fit.json and PNG plots into RESULTS_DIR.")
+    fit.add_argument("results_dir", metavar="RESULTS_DIR", help="a sweep's output directory")
+    fit.add_argument("--law", choices=["chinchilla", "isoflop", "parscale"], default="chinchilla",
+                     help="chinchilla: L(N, D) fit (Approach 3); isoflop: parabolas per budget "
+                          "(Approach 2); parscale: L(N, P) (default: chinchilla)")
+    fit.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                     help="bootstrap resamples of the runs for intervals; 0: none (default 1000)")
+    fit.add_argument("--params", choices=["non_embedding", "total"], default="non_embedding",
+                     help="which parameter count is N (default non_embedding)")
+    fit.add_argument("--streams", default="model.n_streams", metavar="COLUMN",
+                     help="results column with ParScale's number of streams P")
     return parser
 
 
@@ -86,10 +101,23 @@ def _cmd_presets(args) -> int:
     return 0
 
 
+def _cmd_fit(args) -> int:
+    from jscale.laws.report import fit_results_dir
+
+    try:
+        fit_results_dir(args.results_dir, law=args.law, bootstrap=args.bootstrap,
+                        n_params=args.params, streams=args.streams)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad table or unfittable data
+        print(f"jscale fit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jscale`` console script."""
     args = _build_parser().parse_args(argv)
-    return {"train": _cmd_train, "sweep": _cmd_sweep, "presets": _cmd_presets}[args.command](args)
+    return {"train": _cmd_train, "sweep": _cmd_sweep, "presets": _cmd_presets,
+            "fit": _cmd_fit}[args.command](args)
 
 
 if __name__ == "__main__":

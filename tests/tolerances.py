@@ -26,3 +26,27 @@ SCAN_GRAD = dict(rtol=1e-4, atol=5e-5)
 SCAN_BF16 = dict(rtol=8e-3, atol=8e-3)
 #: Logged losses of 20 float32 training steps, selective-scan kernel vs the XLA scan.
 SCAN_TRAIN_LOSS = dict(rtol=1e-5, atol=1e-6)
+
+# --- scaling-law fitting (tests/test_laws.py) -------------------------------------------------------
+#: Epoch AI's Chinchilla fit E = 1.8172, α = 0.3478, β = 0.3658: reproduced within 0.01 (issue 4).
+EPOCH_FIT_ATOL = 0.01
+#: A and B lie in a flat valley: Epoch report 482/2085, the same protocol also lands at 478/2143.
+EPOCH_AB_VALLEY_RTOL = 0.03
+#: ParScale's published fits (3 significant digits): every parameter within 2 % (issue 4).
+PARSCALE_PARAM_RTOL = 0.02
+#: ParScale's published R² (0.998 / 0.9987) are rounded to 3–4 decimals.
+PARSCALE_R2_ATOL = 5e-4
+#: "Objective no worse than scipy's": float64 sums in a different order (numpy vs XLA) differ by a
+#: few ulps of the ~240 summed terms, nothing more.
+OBJECTIVE_VS_SCIPY_RTOL = 1e-9
+#: Closed-form gradients/Hessians of log-sum-exp laws vs JAX autodiff, both float64.
+F64_DERIVATIVES = dict(rtol=1e-8, atol=1e-12)
+#: Numerical N_opt(C) (a log grid refined to ~1e-4 decades) vs the closed form under C = 6ND.
+ALLOCATION_NUMERIC_RTOL = 1e-3
+#: Recovery of a known Chinchilla law from 240 points with 0.3 % multiplicative noise: E, α, β are
+#: well determined; A and B only loosely (they trade off along the loss valley).
+RECOVERY_E_RTOL, RECOVERY_EXPONENT_ATOL, RECOVERY_AB_RTOL = 0.02, 0.02, 0.25
+#: Approach 2 on noise-free IsoFLOP profiles of a Chinchilla law sampled ±4× around the optimum:
+#: exponents exact up to round-off; each parabola's minimum within 3 % of the true N_opt (the
+#: profile is not exactly a parabola in log N).
+ISOFLOP_EXPONENT_ATOL, ISOFLOP_MINIMUM_RTOL = 1e-6, 0.03

@@ -1,0 +1,68 @@
+"""Scaling laws: forms, robust many-start fitting, compute-optimal allocation, uncertainty.
+
+* Forms (pure functions of parameters and inputs): :func:`chinchilla`, :func:`power_law`,
+  :func:`parscale`; fitted as :class:`Law` objects :data:`CHINCHILLA`, :data:`POWER_LAW`,
+  :data:`PARSCALE`, or any JAX function via :func:`fit`.
+* Fitting like Chinchilla's Approach 3: :func:`fit_chinchilla`, :func:`fit_parscale`,
+  :func:`fit_power_law`, :func:`fit` — Huber loss on log residuals, every starting point of a grid
+  optimised at once by a vectorised fixed-iteration damped Newton method.
+* Allocation: :class:`ChinchillaFit` ``.N_opt(C)``, ``.D_opt(C)``, ``.compute_optimal(C, fpt)``;
+  Approach 2 :func:`fit_isoflop`.
+* Uncertainty and checks: :func:`bootstrap`, :func:`bootstrap_isoflop`, :func:`extrapolation_check`.
+* Published data to reproduce: :mod:`jscale.laws.published`.
+"""
+
+from jscale.laws import published
+from jscale.laws.allocation import (
+    IsoFlopBootstrap,
+    IsoFlopFit,
+    bootstrap_isoflop,
+    closed_form_n_opt,
+    compute_optimal,
+    family_flops_per_token,
+    fit_isoflop,
+    interpolated_flops_per_token,
+)
+from jscale.laws.fitting import (
+    HUBER_DELTA,
+    ChinchillaFit,
+    FitResult,
+    default_stages,
+    fit,
+    fit_chinchilla,
+    fit_parscale,
+    fit_power_law,
+)
+from jscale.laws.forms import (
+    CHINCHILLA,
+    CHINCHILLA_GRID,
+    LAWS,
+    PARSCALE,
+    PARSCALE_GRID,
+    POWER_LAW,
+    Law,
+    chinchilla,
+    grid_points,
+    parscale,
+    power_law,
+    user_law,
+)
+from jscale.laws.optimize import Stage, huber
+from jscale.laws.uncertainty import (
+    BOOTSTRAP_RESAMPLES,
+    Bootstrap,
+    Extrapolation,
+    bootstrap,
+    extrapolation_check,
+    percentile_interval,
+)
+
+__all__ = [
+    "BOOTSTRAP_RESAMPLES", "CHINCHILLA", "CHINCHILLA_GRID", "HUBER_DELTA", "LAWS", "PARSCALE",
+    "PARSCALE_GRID", "POWER_LAW", "Bootstrap", "ChinchillaFit", "Extrapolation", "FitResult",
+    "IsoFlopBootstrap", "IsoFlopFit", "Law", "Stage", "bootstrap", "bootstrap_isoflop",
+    "chinchilla", "closed_form_n_opt", "compute_optimal", "default_stages", "extrapolation_check",
+    "family_flops_per_token", "fit", "fit_chinchilla", "fit_isoflop", "fit_parscale",
+    "fit_power_law", "grid_points", "huber", "interpolated_flops_per_token", "parscale",
+    "percentile_interval", "power_law", "published", "user_law",
+]
