@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tolerances as tol
 from scipy.optimize import minimize
 
 from jscale import laws
 from jscale.cli import main as cli_main
 from jscale.laws import forms, optimize, published
 from jscale.sweep.store import ResultsStore
-from tests import tolerances as tol
 
 EPOCH = dict(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)
 EPOCH_RERUN_AB = (478.0, 2143.0)
