@@ -29,13 +29,18 @@ def _micro_cfg(**extra):
     return jscale.presets.get("tiny").override(parse_overrides(MICRO)).override(extra)
 
 
-def _cli(out: Path, *extra: str, **popen_kw):
-    args = [sys.executable, "-m", "jscale.cli", "train", "--preset", "tiny", "--out", str(out),
-            "--quiet"]
+def _train_args(out: Path, *extra: str) -> list[str]:
+    """``jscale train`` arguments (after the program name) for the MICRO run into ``out``."""
+    args = ["train", "--preset", "tiny", "--out", str(out), "--quiet"]
     for s in MICRO + list(extra):
         args += ["--set", s]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), **popen_kw)
+    return args
+
+
+def _cli(out: Path, *extra: str, **popen_kw):
+    return subprocess.Popen([sys.executable, "-m", "jscale.cli", *_train_args(out, *extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            **popen_kw)
 
 
 def _env():
@@ -104,9 +109,7 @@ sys.exit(main(sys.argv[1:]))
 
 def test_resume_after_sigkill_during_training(reference_run, tmp_path):
     out = tmp_path / "killed"
-    args = ["train", "--preset", "tiny", "--out", str(out), "--quiet"]
-    for s in MICRO:
-        args += ["--set", s]
+    args = _train_args(out)
     proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS, *args], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = out / "metrics.jsonl"
@@ -142,9 +145,7 @@ sys.exit(main(sys.argv[1:]))
 
 def test_resume_after_sigkill_during_checkpoint_write(reference_run, tmp_path):
     out = tmp_path / "killed_in_ckpt"
-    args = ["train", "--preset", "tiny", "--out", str(out), "--quiet"]
-    for s in MICRO:
-        args += ["--set", s]
+    args = _train_args(out)
     proc = subprocess.run([sys.executable, "-c", KILL_IN_CHECKPOINT_WRITE, *args], env=_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
