@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from jscale import data as data_lib
 from jscale import models, optim
+from jscale import sharding as sharding_lib
 from jscale.checkpoint import Checkpointer
 from jscale.config import ConfigError, RunConfig
 
@@ -82,16 +83,62 @@ def train_step(state: TrainState, batch: dict[str, Array], *, cfg: RunConfig,
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def make_train_step(cfg: RunConfig, optimizer: optax.GradientTransformation):
-    """``train_step`` jitted for ``cfg``, donating the incoming state."""
+def make_layout(cfg: RunConfig) -> sharding_lib.Layout | None:
+    """The device layout ``cfg.mesh`` asks for, checked against ``cfg`` and the devices; ``None`` for
+    the default mesh (every axis 1): the single-device path, no mesh and no constraints."""
+    if sharding_lib.is_single_device(cfg.mesh):
+        if jax.process_count() > 1:
+            raise ConfigError(f"mesh: {jax.process_count()} processes are running but the mesh is "
+                              "one device; set the mesh axes (e.g. --set mesh.data=-1)")
+        return None
+    sharding_lib.check_mesh(cfg)
+    return sharding_lib.Layout(sharding_lib.make_mesh(cfg.mesh))
+
+
+def state_shardings(cfg: RunConfig, optimizer: optax.GradientTransformation,
+                    layout: sharding_lib.Layout) -> TrainState:
+    """Shardings of the whole ``TrainState`` under ``layout``: parameters by their names' dims, the
+    optimizer's moments like their parameters, everything else replicated."""
+    abstract = jax.eval_shape(lambda: init_state(cfg, optimizer))
+    return sharding_lib.tree_shardings(abstract, layout.mesh, layout.param_rules)
+
+
+def make_init_state(cfg: RunConfig, optimizer: optax.GradientTransformation,
+                    layout: sharding_lib.Layout | None = None):
+    """``() -> TrainState``: :func:`init_state`, placed on ``layout``'s shardings when given."""
+    if layout is None:
+        return lambda: init_state(cfg, optimizer)
+    return jax.jit(lambda: init_state(cfg, optimizer),
+                   out_shardings=state_shardings(cfg, optimizer, layout))
+
+
+def make_train_step(cfg: RunConfig, optimizer: optax.GradientTransformation,
+                    layout: sharding_lib.Layout | None = None):
+    """``train_step`` jitted for ``cfg``, donating the incoming state.
+
+    With a ``layout``: state and batch come in (and the state goes out) with the rules' shardings,
+    metrics come out replicated, and the models' activation constraints are active while tracing.
+    """
     def step(state, batch):
         return train_step(state, batch, cfg=cfg, optimizer=optimizer)
-    return jax.jit(step, donate_argnums=0)
+    if layout is None:
+        return jax.jit(step, donate_argnums=0)
+    state_sh = state_shardings(cfg, optimizer, layout)
+    return jax.jit(sharding_lib.traced_under(layout, step),
+                   in_shardings=(state_sh, layout.batch_sharding()),
+                   out_shardings=(state_sh, layout.replicated()), donate_argnums=0)
 
 
-def make_eval_step(cfg: RunConfig):
-    """Jitted ``(params, batch) -> mean cross-entropy``."""
-    return jax.jit(lambda params, batch: loss_fn(params, batch, cfg.model)[1]["ce_loss"])
+def make_eval_step(cfg: RunConfig, layout: sharding_lib.Layout | None = None,
+                   params_sharding: Any = None):
+    """Jitted ``(params, batch) -> mean cross-entropy`` (replicated under a ``layout``)."""
+    def evaluate(params, batch):
+        return loss_fn(params, batch, cfg.model)[1]["ce_loss"]
+    if layout is None:
+        return jax.jit(evaluate)
+    return jax.jit(sharding_lib.traced_under(layout, evaluate),
+                   in_shardings=(params_sharding, layout.batch_sharding()),
+                   out_shardings=layout.replicated())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,8 +163,9 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _prepare_out_dir(cfg: RunConfig, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def _prepare_out_dir(cfg: RunConfig, out: Path, *, write: bool = True) -> None:
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
     if cfg_path.exists():
         old = RunConfig.from_dict(json.loads(cfg_path.read_text())).flat()
@@ -126,7 +174,7 @@ def _prepare_out_dir(cfg: RunConfig, out: Path) -> None:
         if diff:
             raise ConfigError(f"{out} holds a run with a different config ({'; '.join(diff)}); "
                               "rerun with the same settings to resume, or use a new --out")
-    else:
+    elif write:
         _write_json_atomic(cfg_path, cfg.to_dict())
 
 
@@ -141,19 +189,36 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
     output directory cannot work. A run whose ``summary.json`` already exists is not retrained.
     """
     out = Path(out_dir)
-    _prepare_out_dir(cfg, out)
+    layout = make_layout(cfg)
+    primary = sharding_lib.is_primary()  # only process 0 writes files; every process checkpoints
+    _prepare_out_dir(cfg, out, write=primary)
     if (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
 
     tc = cfg.train
     corpus = data_lib.load_corpus(cfg.data, cfg.model.vocab_size, tc.seq_len)
-    data_iter = iter(data_lib.train_dataset(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
-                                            seed=tc.seed))
     eval_data = data_lib.eval_batches(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
                                       n_batches=tc.eval_batches)
     optimizer = optim.make_optimizer(cfg.optim, tc.steps)
-    step_fn, eval_fn = make_train_step(cfg, optimizer), make_eval_step(cfg)
-    state = init_state(cfg, optimizer)
+    step_fn = make_train_step(cfg, optimizer, layout)
+    state = make_init_state(cfg, optimizer, layout)()
+    if layout is None:
+        eval_fn = make_eval_step(cfg)
+        data_iter = iter(data_lib.train_dataset(corpus, seq_len=tc.seq_len,
+                                                batch_size=tc.batch_size, seed=tc.seed))
+        to_device = dict
+    else:
+        # Each process loads only the rows of the global batch its devices hold.
+        eval_fn = make_eval_step(cfg, layout, jax.tree.map(lambda x: x.sharding, state.params))
+        batch_sh = layout.batch_sharding()
+        lo, hi = sharding_lib.local_rows(batch_sh, (tc.batch_size, tc.seq_len))
+        data_iter = iter(data_lib.train_dataset(
+            corpus, seq_len=tc.seq_len, batch_size=hi - lo, seed=tc.seed,
+            shard_index=lo // (hi - lo), shard_count=tc.batch_size // (hi - lo)))
+
+        def to_device(local):
+            return sharding_lib.global_batch(local, batch_sh, tc.batch_size)
+        eval_data = [to_device({k: v[lo:hi] for k, v in b.items()}) for b in eval_data]
 
     ckpt = Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints)
     start, prior_wall = 0, 0.0
@@ -162,7 +227,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
         start, prior_wall = latest, float(meta["wall_time_s"])
     metrics_path = out / "metrics.jsonl"
     rows = [r for r in _read_rows(metrics_path) if r["step"] <= start]
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if primary:
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     tokens_per_step = tc.batch_size * tc.seq_len
     t0 = time.perf_counter()
@@ -170,14 +236,14 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
     diverged_step = None
     eval_loss = rows[-1].get("eval_loss") if rows and start == tc.steps else None
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-               disable=quiet or not sys.stderr.isatty())
+               disable=quiet or not primary or not sys.stderr.isatty())
 
     def evaluate(params) -> float:
         return float(np.mean([eval_fn(params, b) for b in eval_data]))
 
-    with open(metrics_path, "a") as metrics_file:
+    with open(metrics_path if primary else os.devnull, "a") as metrics_file:
         for step in range(start + 1, tc.steps + 1):
-            state, m = step_fn(state, next(data_iter))
+            state, m = step_fn(state, to_device(next(data_iter)))
             pending.append(m)
             if step == start + 1:  # compilation: keep it out of tokens/s
                 jax.block_until_ready(m)
@@ -226,6 +292,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
         "wall_time_s": prior_wall + time.perf_counter() - t0,
         "diverged": diverged_step is not None, "diverged_step": diverged_step,
     }
+    if not primary:
+        return summary
     _write_json_atomic(out / "summary.json", summary)
     if not quiet:
         status = (f"DIVERGED at step {diverged_step}" if summary["diverged"] else

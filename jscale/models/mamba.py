@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from jscale import nn
 from jscale.config import check
+from jscale.sharding import constrain, constrain_params
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.selective_scan.reference import softplus
 
@@ -265,6 +266,7 @@ def mixer(h_BTD: Array, m: dict[str, Array], cfg: MambaConfig, *,
     """The Mamba mixer on un-stacked (one layer's) parameters ``m``: ``[B, T, D] -> [B, T, D]``."""
     cdt = h_BTD.dtype  # compute dtype
     x_BTF, z_BTF = _in_proj(h_BTD, m, cdt)
+    x_BTF, z_BTF = constrain(x_BTF, "BTF"), constrain(z_BTF, "BTF")
     xc_BTF = jax.nn.silu(causal_conv(x_BTF, m["w_conv_LWF"], m.get("b_conv_LF"),
                                      segment_ids_BT=segment_ids_BT))
     delta_BTF, b_BTN, c_BTN, A_FN = _ssm_inputs(xc_BTF, m, cdt)
@@ -285,7 +287,8 @@ def apply(params: dict[str, Any], tokens_BT: Array, cfg: MambaConfig, *,
     ``segment_ids_BT`` (optional) isolates packed documents: conv and scan state do not cross a
     change of segment id.
     """
-    x_BTD = nn.embed(params["embed"]["table_VD"], tokens_BT, jnp.dtype(cfg.dtype))
+    table_VD = constrain_params(params["embed"]["table_VD"], "VD")
+    x_BTD = constrain(nn.embed(table_VD, tokens_BT, jnp.dtype(cfg.dtype)), "BTD")
     return apply_embedded(params, x_BTD, cfg, segment_ids_BT=segment_ids_BT)
 
 
@@ -295,6 +298,8 @@ def apply_embedded(params: dict[str, Any], x_BTD: Array, cfg: MambaConfig, *,
     x_BTD = x_BTD.astype(jnp.dtype(cfg.dtype))
 
     def body(x_BTD, p):
+        p = constrain_params(p)  # FSDP: this layer's weights are gathered here, inside the scan
+        x_BTD = constrain(x_BTD, "BTD")
         h_BTD = nn.rms_norm(x_BTD, p["norm"]["scale_LD"], cfg.norm_eps)
         return x_BTD + mixer(h_BTD, p["mixer"], cfg, segment_ids_BT=segment_ids_BT), None
 

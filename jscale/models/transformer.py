@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jscale import nn
+from jscale.sharding import constrain, constrain_params
 from jscale.config import check
 
 Array = jax.Array
@@ -183,6 +184,8 @@ def _block(x_BTD: Array, p: dict[str, Any], sin_BTk: Array, cos_BTk: Array,
            segment_ids_BT: Array | None, cfg: TransformerConfig) -> Array:
     """One pre-norm block on un-stacked (single-layer) parameters ``p``."""
     dt = x_BTD.dtype
+    p = constrain_params(p)  # FSDP: this layer's weights are gathered here, inside the scan
+    x_BTD = constrain(x_BTD, "BTD")
     a = p["attn"]
     h_BTD = nn.rms_norm(x_BTD, p["attn_norm"]["scale_LD"], cfg.norm_eps)
     q_BTHK = jnp.einsum("btd,dhk->bthk", h_BTD, a["w_q_LDHK"].astype(dt))
@@ -191,8 +194,9 @@ def _block(x_BTD: Array, p: dict[str, Any], sin_BTk: Array, cos_BTk: Array,
     if "q_norm" in a:
         q_BTHK = nn.rms_norm(q_BTHK, a["q_norm"]["scale_LK"], cfg.norm_eps)
         k_BTGK = nn.rms_norm(k_BTGK, a["k_norm"]["scale_LK"], cfg.norm_eps)
-    q_BTHK = nn.apply_rope(q_BTHK, sin_BTk, cos_BTk)
-    k_BTGK = nn.apply_rope(k_BTGK, sin_BTk, cos_BTk)
+    q_BTHK = constrain(nn.apply_rope(q_BTHK, sin_BTk, cos_BTk), "BTHK")
+    k_BTGK = constrain(nn.apply_rope(k_BTGK, sin_BTk, cos_BTk), "BTGK")
+    v_BTGK = constrain(v_BTGK, "BTGK")
     ctx_BTHK = attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT=segment_ids_BT,
                          impl=cfg.attention_impl)
     ctx_BTHK = checkpoint_name(ctx_BTHK, "attn_context")
@@ -221,7 +225,8 @@ def apply(params: dict[str, Any], tokens_BT: Array, cfg: TransformerConfig, *,
 
     ``segment_ids_BT`` (optional) restricts attention to tokens of the same packed document.
     """
-    x_BTD = nn.embed(params["embed"]["table_VD"], tokens_BT, jnp.dtype(cfg.dtype))
+    table_VD = constrain_params(params["embed"]["table_VD"], "VD")
+    x_BTD = constrain(nn.embed(table_VD, tokens_BT, jnp.dtype(cfg.dtype)), "BTD")
     return apply_embedded(params, x_BTD, cfg, segment_ids_BT=segment_ids_BT)
 
 
@@ -251,7 +256,7 @@ def apply_embedded(params: dict[str, Any], x_BTD: Array, cfg: TransformerConfig,
         w_DV = params["head"]["w_DV"]
     logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, w_DV.astype(dt),
                             preferred_element_type=jnp.float32)
-    return logits_BTV, {}
+    return constrain(logits_BTV, "BTV"), {}
 
 
 # ---------------------------------------------------------------------------------------------------
