@@ -28,6 +28,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
     train.add_argument("--out", required=True, help="output directory (metrics, checkpoints, summary)")
     train.add_argument("--quiet", action="store_true", help="no progress bar or final summary line")
+    from jscale.sharding import add_distributed_arguments
+    add_distributed_arguments(train)
 
     sweep = sub.add_parser("sweep", help="run an experiment script's grid",
                            description="Run the grid an experiment script defines (grid(preset)), "
@@ -59,10 +61,12 @@ def _build_parser() -> argparse.ArgumentParser:
 def _cmd_train(args) -> int:
     from jscale import presets
     from jscale.config import ConfigError, parse_overrides
+    from jscale.sharding import initialize_from_args
     from jscale.train import train
 
     try:
         cfg = presets.get(args.preset).override(parse_overrides(args.overrides))
+        initialize_from_args(args)
         train(cfg, args.out, quiet=args.quiet)
     except KeyError as e:  # unknown preset
         print(f"jscale train: error: {e.args[0]}", file=sys.stderr)

@@ -424,3 +424,20 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
 def is_primary() -> bool:
     """True on the process that writes metrics, results and summaries (process 0)."""
     return jax.process_index() == 0
+
+
+def add_distributed_arguments(parser) -> None:
+    """``--coordinator HOST:PORT --num-processes N --process-id I`` on an argparse parser."""
+    group = parser.add_argument_group(
+        "multi-process", "run one process per host, each with the same command and its own "
+        "--process-id; with none of these flags, JAX's cluster auto-detection is used on TPU pods, "
+        "SLURM and Open MPI jobs")
+    group.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address of process 0's coordination service")
+    group.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
+
+
+def initialize_from_args(args) -> bool:
+    """:func:`initialize_distributed` from :func:`add_distributed_arguments`' options."""
+    return initialize_distributed(args.coordinator, args.num_processes, args.process_id)

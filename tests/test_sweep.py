@@ -181,16 +181,22 @@ def test_max_group_size_splits(vmap_df, tmp_path):
 
 
 def test_runs_axis_sharded_over_devices(vmap_df, tmp_path):
+    """A group on mesh runs=4 × data=2: members over `runs`, each member's batch over `data`;
+    the results equal the unsharded group's."""
     assert jax.device_count() == 8
-    runs = [r.override({"mesh.runs": 4}) for r in _group_a()]
-    mesh = group_lib.make_runs_mesh(runs[0])
-    progs = group_lib.build_programs(group_lib.signature(runs[0]), "vmap", mesh)
+    runs = [r.override({"mesh.runs": 4, "mesh.data": 2}) for r in _group_a()]
+    layout = group_lib.make_layout(runs[0])
+    progs = group_lib.build_programs(group_lib.signature(runs[0]), "vmap", layout)
     state, _ = progs.init(group_lib._member_data(runs))
     leaf = state.params["layers"]["attn"]["w_q_LDHK"]
-    assert leaf.sharding.spec[0] == "runs" and len(leaf.sharding.device_set) == 4
-    df = sweep.run(runs[:3], tmp_path, strategy="vmap", progress=False)  # padded to 4 members
-    np.testing.assert_allclose(df["final_eval_loss"], vmap_df["final_eval_loss"].iloc[:3],
-                               **SWEEP_VMAP_VS_SEQUENTIAL)
+    assert leaf.sharding.spec == jax.sharding.PartitionSpec("runs")
+    assert len(leaf.sharding.device_set) == 8 and leaf.addressable_shards[0].data.shape[0] == 1
+    df = sweep.run(runs[:3], tmp_path, strategy="auto", progress=False)  # padded to 4 members
+    assert set(df["strategy"]) == {"vmap"}
+    for col in ("final_eval_loss", "final_train_loss"):
+        np.testing.assert_allclose(df[col], vmap_df[col].iloc[:3], **SWEEP_VMAP_VS_SEQUENTIAL)
+    with pytest.raises(ConfigError, match="'sequential' trains one member at a time"):
+        group_lib.build_programs(group_lib.signature(runs[0]), "sequential", layout)
 
 
 def test_auto_probes_once_and_records_its_choice(tmp_path):

@@ -2,7 +2,8 @@
 
 Each family is one module exposing ``init(key, cfg)``, ``apply(params, tokens_BT, cfg, *,
 segment_ids_BT=None) -> (logits_BTV, aux)``, ``count_params(cfg)``, ``flops_per_token(cfg,
-seq_len)`` and ``scale_init(params, init_scale)``, plus its frozen config class. Registering the module here is all a new family needs.
+seq_len)`` and ``scale_init(params, init_scale)``, plus its frozen config class.
+Registering the module here is all a new family needs.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jscale import nn
-from jscale.sharding import constrain, constrain_params
 from jscale.config import check
+from jscale.sharding import constrain, constrain_params
 
 Array = jax.Array
 DTYPES = ("float32", "bfloat16", "float16")

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from jscale import data as data_lib
 from jscale import models
+from jscale import sharding as sharding_lib
 from jscale.config import ConfigError, RunConfig
 from jscale.sweep import group as group_lib
 from jscale.sweep.grid import InvalidRun, run_id
@@ -100,7 +101,7 @@ class _Strategies:
         self.local = _read_json(self.local_path)
         self.cached = _read_json(self.global_path)
 
-    def choose(self, chunk_key: str, members, common, corpus, mesh,
+    def choose(self, chunk_key: str, members, common, corpus, layout,
                programs: _ProgramCache) -> tuple[str, dict | None]:
         if chunk_key in self.local:
             return self.local[chunk_key]["choice"], self.local[chunk_key]
@@ -108,8 +109,10 @@ class _Strategies:
         if len(members) == 1:  # nothing to pack: the plain step is the vmapped one minus overhead
             probe = {"choice": "sequential", "R": 1, "reason": "a single run"}
         else:
-            probe = self.cached.get(device_key) or _probe(members, common, corpus, mesh, programs)
+            probe = self.cached.get(device_key) or _probe(members, common, corpus, layout, programs)
         self.cached[device_key] = self.local[chunk_key] = probe
+        if not sharding_lib.is_primary():
+            return probe["choice"], probe
         self.global_path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(self.global_path, json.dumps(self.cached, indent=1))
         _atomic_write_text(self.local_path, json.dumps(self.local, indent=1))
@@ -130,22 +133,21 @@ class _ProgramCache:
     def __init__(self):
         self._programs: dict[tuple[str, str], group_lib.Programs] = {}
 
-    def get(self, common: RunConfig, strategy: str, mesh) -> group_lib.Programs:
+    def get(self, common: RunConfig, strategy: str, layout) -> group_lib.Programs:
         key = (run_id(common), strategy)
         if key not in self._programs:
-            self._programs[key] = group_lib.build_programs(
-                common, strategy, mesh if strategy == "vmap" else None)
+            self._programs[key] = group_lib.build_programs(common, strategy, layout)
         return self._programs[key]
 
 
-def _probe(members, common, corpus, mesh, programs: _ProgramCache) -> dict[str, Any]:
+def _probe(members, common, corpus, layout, programs: _ProgramCache) -> dict[str, Any]:
     """Time ``PROBE_STEPS`` steps of the chunk under both strategies (compilation excluded)."""
     tc = common.train
     batch1 = data_lib.eval_batches(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
                                    n_batches=1)[0]
     times = {}
     for strategy, R in (("vmap", len(members)), ("sequential", 1)):
-        progs = programs.get(common, strategy, mesh)
+        progs = programs.get(common, strategy, layout)
         state, alive = progs.init(group_lib._member_data(members[:R]))
         batch = {k: np.broadcast_to(v, (R, *v.shape)) for k, v in batch1.items()}
         active = np.ones(R, bool)
@@ -176,7 +178,8 @@ def run(runs: Sequence[RunConfig | InvalidRun], out_dir: str | os.PathLike, *,
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy: must be one of {list(STRATEGIES)} (got {strategy!r})")
     out = Path(out_dir)
-    store = ResultsStore(out)
+    primary = sharding_lib.is_primary()  # multi-process: process 0 writes, every process trains
+    store = ResultsStore(out, writer=primary)
     done = store.done_ids(include_failed=not retry_failed)
     wanted: dict[str, RunConfig | InvalidRun] = {}
     for r in runs:
@@ -193,7 +196,7 @@ def run(runs: Sequence[RunConfig | InvalidRun], out_dir: str | os.PathLike, *,
             groups.setdefault(run_id(group_lib.signature(r)), []).append(r)
 
     bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo) + len(invalid), unit="run",
-               desc="sweep", disable=not progress, dynamic_ncols=True, smoothing=0.05,
+               desc="sweep", disable=not (progress and primary), dynamic_ncols=True, smoothing=0.05,
                bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} runs [{elapsed}<{remaining}]{postfix}")
     strategies, programs = _Strategies(out), _ProgramCache()
     corpora: dict[tuple, data_lib.Corpus] = {}
@@ -213,7 +216,7 @@ def run(runs: Sequence[RunConfig | InvalidRun], out_dir: str | os.PathLike, *,
                     summary += "\n" + "".join(traceback.format_exception(e)[-3:])
             store.commit(rows)
             bar.update(t_start + len(chunk) - bar.n)
-            if progress:
+            if progress and primary:
                 bar.write(f"group {gid} chunk {ci} ({len(chunk)} runs): {summary}")
     bar.close()
     frame = store.frame()
@@ -229,14 +232,16 @@ def _run_chunk(chunk, common, gid, chunk_key, strategy, strategies, programs, co
         corpora[key] = data_lib.load_corpus(common.data, common.model.vocab_size,
                                             common.train.seq_len)
     corpus = corpora[key]
-    mesh = group_lib.make_runs_mesh(common)
+    layout = group_lib.make_layout(common)
     probe = None
-    if strategy == "auto":
-        strategy, probe = strategies.choose(chunk_key, chunk, common, corpus, mesh, programs)
+    if strategy == "auto" and layout is not None:
+        strategy, probe = "vmap", {"reason": "sharded over the mesh"}
+    elif strategy == "auto":
+        strategy, probe = strategies.choose(chunk_key, chunk, common, corpus, layout, programs)
     on_step = (lambda frac: bar.update(frac)) if not bar.disable else None
-    progs = programs.get(common, strategy, mesh)
+    progs = programs.get(common, strategy, layout)
     if strategy == "vmap":
-        logs, wall = group_lib.run_group(chunk, progs, corpus, mesh=mesh, on_step=on_step)
+        logs, wall = group_lib.run_group(chunk, progs, corpus, on_step=on_step)
     else:
         logs, wall = [], 0.0
         for member in chunk:

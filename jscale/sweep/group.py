@@ -7,8 +7,10 @@ schedule *kind*, Adam's betas, logging cadence — is the group's signature.
 
 Two strategies run the same pure member step:
 
-* ``"vmap"``: init and step ``vmap``-ed over R and jitted once for the group; with ``mesh.runs > 1``
-  the R axis is sharded over a ``runs`` mesh axis, so each device trains its own members.
+* ``"vmap"``: init and step ``vmap``-ed over R and jitted once for the group. With a mesh
+  (``RunConfig.mesh``, see :mod:`jscale.sharding`) the R axis is sharded over the ``runs`` axis, so
+  each device group trains its own members, and each member is itself sharded by the other axes
+  (``data``/``fsdp`` split its batch, ``tensor`` its heads and FFN).
 * ``"sequential"``: the un-batched step, jitted once for the group and called one member at a time.
 
 Members with fewer steps than the longest stop updating after their own last step (their state is
@@ -20,7 +22,6 @@ member, so the other members compute exactly what they would without it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,11 +29,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jscale import data as data_lib
 from jscale import models, optim
+from jscale import sharding as sharding_lib
 from jscale import train as train_lib
 from jscale.config import ConfigError, RunConfig
 
@@ -69,10 +70,13 @@ class Programs:
     step: Callable
     evaluate: Callable
     traces: list  # one entry per trace of the member step (= compilations of the group's step)
+    layout: sharding_lib.Layout | None = None  # the programs' inputs are global arrays on it
 
 
-def build_programs(common: RunConfig, strategy: str, mesh: jax.sharding.Mesh | None) -> Programs:
-    """Jitted init / step / eval for ``strategy`` ("vmap" or "sequential") on ``common``'s shapes."""
+def build_programs(common: RunConfig, strategy: str,
+                   layout: sharding_lib.Layout | None = None) -> Programs:
+    """Jitted init / step / eval for ``strategy`` ("vmap" or "sequential") on ``common``'s shapes;
+    with a ``layout`` (vmap only), sharded over its mesh: R over ``runs``, the rest by the rules."""
     optimizer = optim.make_optimizer(common.optim, common.train.steps)
     traces: list = []
 
@@ -98,6 +102,8 @@ def build_programs(common: RunConfig, strategy: str, mesh: jax.sharding.Mesh | N
         return train_lib.loss_fn(params, batch, common.model)[1]["ce_loss"]
 
     if strategy == "vmap":
+        if layout is not None:
+            return _sharded_programs(common, layout, init_member, step_member, eval_member, traces)
         init, step = jax.vmap(init_member), jax.vmap(step_member)
         evaluate = jax.vmap(eval_member, in_axes=(0, None))
     elif strategy == "sequential":  # the un-batched step, R = 1 at a time
@@ -111,13 +117,33 @@ def build_programs(common: RunConfig, strategy: str, mesh: jax.sharding.Mesh | N
         evaluate = unbatched(eval_member, 1)
     else:
         raise ConfigError(f"strategy: must be 'vmap' or 'sequential' (got {strategy!r})")
-    if mesh is None:
-        jit = functools.partial(jax.jit)
-    else:
-        runs = NamedSharding(mesh, P("runs"))
-        jit = functools.partial(jax.jit, out_shardings=runs)
-    return Programs(init=jit(init), step=jit(step, donate_argnums=(0, 1)),
+    if layout is not None:
+        raise ConfigError("strategy: 'sequential' trains one member at a time on one device; with "
+                          "a mesh use 'vmap' or 'auto'")
+    return Programs(init=jax.jit(init), step=jax.jit(step, donate_argnums=(0, 1)),
                     evaluate=jax.jit(evaluate), traces=traces)
+
+
+def _sharded_programs(common: RunConfig, layout: sharding_lib.Layout, init_member, step_member,
+                      eval_member, traces: list) -> Programs:
+    """The vmapped programs jitted with the layout's shardings: members over ``runs`` (the vmap's
+    ``spmd_axis_name``, so activation constraints inside a member gain the R axis), parameters and
+    optimizer state by their names, batches ``[R, B, T]`` over ``runs`` and ``data × fsdp``."""
+    mesh = layout.mesh
+    runs = layout.sharding(P("runs"))
+    init = jax.vmap(init_member)
+    abstract_state, _ = jax.eval_shape(init, _member_data([common] * layout.axis_sizes["runs"]))
+    state_sh = sharding_lib.tree_shardings(abstract_state, mesh, layout.param_rules, runs_axis=True)
+    step = sharding_lib.traced_under(layout, jax.vmap(step_member, spmd_axis_name="runs"))
+    evaluate = sharding_lib.traced_under(
+        layout, jax.vmap(eval_member, in_axes=(0, None), spmd_axis_name="runs"))
+    return Programs(
+        init=jax.jit(init, in_shardings=(runs,), out_shardings=(state_sh, runs)),
+        step=jax.jit(step, in_shardings=(state_sh, runs, layout.batch_sharding(runs_axis=True), runs),
+                     out_shardings=(state_sh, runs, layout.replicated()), donate_argnums=(0, 1)),
+        evaluate=jax.jit(evaluate, in_shardings=(state_sh.params, layout.batch_sharding()),
+                         out_shardings=layout.replicated()),
+        traces=traces, layout=layout)
 
 
 class _MemberLog:
@@ -160,29 +186,34 @@ def _due(cfg: RunConfig, step: int) -> tuple[bool, bool]:
 
 
 def run_group(members: list[RunConfig], programs: Programs, corpus: data_lib.Corpus,
-              *, mesh: jax.sharding.Mesh | None = None,
-              on_step: Callable[[float], None] | None = None) -> tuple[list[_MemberLog], float]:
+              *, on_step: Callable[[float], None] | None = None) -> tuple[list[_MemberLog], float]:
     """Train ``members`` (one chunk of R) with ``programs``; returns their logs and the wall time.
 
-    ``mesh`` (with a ``runs`` axis) pads R to a multiple of the axis with inactive copies and shards
-    the run axis over it. ``on_step(fraction_of_runs_done)`` is called after every step.
+    With sharded programs, R is padded to a multiple of the ``runs`` axis with inactive copies.
+    ``on_step(fraction_of_runs_done)`` is called after every step.
     """
     t0 = time.perf_counter()
     real = len(members)
-    if mesh is not None:
-        n_dev = mesh.shape["runs"]
-        members = members + [members[0]] * (-real % n_dev)
+    layout = programs.layout
+    if layout is not None:
+        members = members + [members[0]] * (-real % layout.axis_sizes["runs"])
     R, tc = len(members), members[0].train
-    sharding = None if mesh is None else NamedSharding(mesh, P("runs"))
 
-    def put(x):
-        return x if sharding is None else jax.device_put(x, sharding)
+    def put(x, spec=P("runs")):  # noqa: B008 — a constant spec
+        # Every process holds the whole host array; each device takes its slice.
+        if layout is None:
+            return x
+        sharding = layout.sharding(spec) if isinstance(spec, P) else spec
+        return jax.tree.map(lambda a: sharding_lib.put_global(a, sharding), x)
 
     state, alive = programs.init(put(_member_data(members)))
     iters = [iter(data_lib.train_dataset(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
                                          seed=m.train.seed)) for m in members]
     evals = data_lib.eval_batches(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
                                   n_batches=tc.eval_batches)
+    if layout is not None:
+        evals = [put(b, layout.batch_sharding()) for b in evals]
+        batch_sharding = layout.batch_sharding(runs_axis=True)
     logs = [_MemberLog(m) for m in members]
     steps = np.array([m.train.steps for m in members])
     steps[real:] = 0  # padding members never train
@@ -196,7 +227,8 @@ def run_group(members: list[RunConfig], programs: Programs, corpus: data_lib.Cor
             elif last_batch[r] is None:
                 last_batch[r] = next(iters[r])
         batch = {k: np.stack([b[k] for b in last_batch]) for k in last_batch[0]}
-        state, alive, metrics = programs.step(state, alive, put(batch), put(active))
+        batch = batch if layout is None else put(batch, batch_sharding)
+        state, alive, metrics = programs.step(state, alive, batch, put(active))
         pending.append((step, metrics))
         dues = [_due(m, step) if active[r] else (False, False) for r, m in enumerate(members)]
         if on_step is not None:
@@ -219,12 +251,10 @@ def run_group(members: list[RunConfig], programs: Programs, corpus: data_lib.Cor
     return logs[:real], time.perf_counter() - t0
 
 
-def make_runs_mesh(cfg: RunConfig) -> jax.sharding.Mesh | None:
-    """A 1-D ``runs`` mesh of ``cfg.mesh.runs`` devices (-1: all), or ``None`` for one device."""
-    n = cfg.mesh.runs if cfg.mesh.runs != -1 else jax.device_count()
-    if n == 1:
+def make_layout(cfg: RunConfig) -> sharding_lib.Layout | None:
+    """The layout ``cfg.mesh`` asks for (checked against ``cfg``; the ``runs`` axis allowed), or
+    ``None`` for the default one-device mesh."""
+    if sharding_lib.is_single_device(cfg.mesh):
         return None
-    if n > jax.device_count():
-        raise ConfigError(f"mesh.runs: must be <= the number of devices ({jax.device_count()})"
-                          f" (got {n})")
-    return jax.sharding.Mesh(np.array(jax.devices()[:n]), ("runs",))
+    sharding_lib.check_mesh(cfg, sweep=True)
+    return sharding_lib.Layout(sharding_lib.make_mesh(cfg.mesh))

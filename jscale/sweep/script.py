@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 from jscale.config import ConfigError
+from jscale.sharding import add_distributed_arguments, initialize_from_args, is_primary
 
 
 def load_script(path: str | Path) -> ModuleType:
@@ -37,16 +38,20 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-group-size", type=int, default=None,
                         help="most runs per compiled program (default: what fits in memory)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or group summaries")
+    add_distributed_arguments(parser)
 
 
 def run_script(grid: Callable, analyze: Callable | None, args: argparse.Namespace) -> int:
     """Build the grid for ``args.preset``, run it into ``args.out``, then ``analyze`` the table."""
     from jscale.sweep.execute import run
 
+    initialize_from_args(args)
     runs = grid(args.preset)
     df = run(runs, args.out, strategy=args.strategy, max_group_size=args.max_group_size,
              progress=not args.quiet)
     n_failed = int((df["status"] == "failed").sum())
+    if not is_primary():
+        return 0
     if analyze is not None:
         analyze(df, Path(args.out))
     print(f"jscale sweep: {len(df)} runs ({n_failed} failed) in {args.out}/results.jsonl",

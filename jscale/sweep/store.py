@@ -28,11 +28,17 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 class ResultsStore:
-    """Append-only (at group granularity), crash-safe table of run results under ``out_dir``."""
+    """Append-only (at group granularity), crash-safe table of run results under ``out_dir``.
 
-    def __init__(self, out_dir: str | os.PathLike):
+    ``writer=False`` (every process of a multi-process sweep but process 0) keeps the table in memory
+    and writes nothing.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, writer: bool = True):
         self.out_dir = Path(out_dir)
-        (self.out_dir / CURVES).mkdir(parents=True, exist_ok=True)
+        self.writer = writer
+        if writer:
+            (self.out_dir / CURVES).mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / RESULTS
         self._rows = _read(self.path)
 
@@ -47,14 +53,16 @@ class ResultsStore:
 
     def write_curve(self, run_id: str, rows: list[dict[str, Any]]) -> None:
         """``curves/<run_id>.jsonl``: the run's logged rows (step, loss, lr, …), written atomically."""
-        _atomic_write_text(self.out_dir / CURVES / f"{run_id}.jsonl",
-                           "".join(json.dumps(r) + "\n" for r in rows))
+        if self.writer:
+            _atomic_write_text(self.out_dir / CURVES / f"{run_id}.jsonl",
+                               "".join(json.dumps(r) + "\n" for r in rows))
 
     def commit(self, new_rows: list[dict[str, Any]]) -> None:
         """Add ``new_rows`` (replacing older rows of the same run ids) in one atomic file replace."""
         ids = {r["run_id"] for r in new_rows}
         self._rows = [r for r in self._rows if r["run_id"] not in ids] + list(new_rows)
-        _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self._rows))
+        if self.writer:
+            _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self._rows))
 
     def frame(self) -> pd.DataFrame:
         """The table as a DataFrame (one row per run)."""
