@@ -170,7 +170,7 @@ def mesh_sizes(mesh_cfg: MeshConfig, n_devices: int) -> dict[str, int]:
     sizes = {a: getattr(mesh_cfg, a) for a in MESH_ORDER}
     fill = [a for a, s in sizes.items() if s == -1]
     fixed = math.prod(s for s in sizes.values() if s != -1)
-    product = " × ".join(f"{a}={s}" for a, s in sizes.items() if s != 1)
+    product = " × ".join(f"{a}={s}" for a, s in sizes.items() if s not in (1, -1))
     if fill:
         if n_devices % fixed:
             raise ConfigError(f"mesh.{fill[0]}: -1 fills the remaining devices, but the other axes "

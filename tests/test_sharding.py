@@ -1,0 +1,240 @@
+"""Sharding on 8 fake CPU devices: specs derived from names, sharded ≡ unsharded training through the
+CLI, a real two-process run joined with jax.distributed, and the documented errors for bad meshes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from tolerances import SHARDED_VS_SINGLE_LOSS
+
+import jscale
+from jscale import optim, sharding
+from jscale.cli import main as cli_main
+from jscale.config import ConfigError, parse_overrides
+from jscale.train import loss_fn, make_init_state, make_layout
+
+# `tiny` for 12 steps, every step logged, one evaluation at the end, a checkpoint at step 6.
+TINY12 = ["train.steps=12", "train.log_every=1", "train.eval_every=0", "train.eval_batches=1",
+          "train.checkpoint_every=6"]
+LAYOUTS = {"data=8": ["mesh.data=8"], "fsdp=8": ["mesh.fsdp=8"],
+           "data=2,fsdp=2,tensor=2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny(*overrides: str):
+    return jscale.presets.get("tiny").override(parse_overrides(TINY12 + list(overrides)))
+
+
+def _train_args(out: Path, *overrides: str) -> list[str]:
+    args = ["train", "--preset", "tiny", "--out", str(out), "--quiet"]
+    for s in TINY12 + list(overrides):
+        args += ["--set", s]
+    return args
+
+
+def _losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    return [r["loss"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def single_losses(tmp_path_factory):
+    """Per-step losses of `tiny` trained on one device (the default mesh), through the CLI."""
+    out = tmp_path_factory.mktemp("single")
+    assert cli_main(_train_args(out)) == 0
+    return _losses(out)
+
+
+# --- specs derived from names -------------------------------------------------------------------------
+
+EXPECTED = {  # leaf -> PartitionSpec, written out by hand from the rules table for each layout
+    "data=8": {"w_q_LDHK": P(), "w_o_LHKD": P(), "w_down_LFD": P(), "table_VD": P(),
+               "scale_D": P()},
+    "fsdp=8": {"w_q_LDHK": P(None, "fsdp"), "w_k_LDGK": P(None, "fsdp"),
+               "w_o_LHKD": P(None, None, None, "fsdp"), "w_gate_LDF": P(None, "fsdp"),
+               "w_down_LFD": P(None, None, "fsdp"), "table_VD": P(None, "fsdp"),
+               "scale_LD": P(None, "fsdp"), "scale_D": P("fsdp")},
+    "data=2,fsdp=2,tensor=2": {
+        "w_q_LDHK": P(None, "fsdp", "tensor"), "w_k_LDGK": P(None, "fsdp", "tensor"),
+        "w_v_LDGK": P(None, "fsdp", "tensor"), "w_o_LHKD": P(None, "tensor", None, "fsdp"),
+        "w_gate_LDF": P(None, "fsdp", "tensor"), "w_up_LDF": P(None, "fsdp", "tensor"),
+        "w_down_LFD": P(None, "tensor", "fsdp"),
+        "table_VD": P(None, "fsdp"),  # V = 257 does not divide by 2: the vocab stays replicated
+        "scale_LD": P(None, "fsdp"), "scale_D": P("fsdp")},
+}
+
+
+def _by_name(tree) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out.setdefault(sharding._leaf_name(path), []).append(leaf)
+    return out
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_state_shardings_follow_the_rules(layout_name):
+    cfg = _tiny(*LAYOUTS[layout_name])
+    layout = make_layout(cfg)
+    optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    state = make_init_state(cfg, optimizer, layout)()
+    params, moments = _by_name(state.params), _by_name(state.opt_state)
+    for name, spec in EXPECTED[layout_name].items():
+        for leaf in params[name] + moments[name]:  # Adam's mu and nu are sharded like the param
+            assert leaf.sharding.spec == spec, (name, leaf.sharding.spec)
+            assert len(leaf.sharding.device_set) == 8
+    for leaf in moments["count"] + jax.tree.leaves(state.opt_state.hyperparams) + [state.step]:
+        assert leaf.sharding.is_fully_replicated
+    # Per-device bytes of parameters + optimizer state: 1/fsdp of the whole (up to the replicated
+    # odd-sized vocab table dim and scalars), times 1/tensor for the tensor-sharded weights.
+    leaves = jax.tree.leaves((state.params, state.opt_state))
+    total = sum(x.nbytes for x in leaves)
+    per_device = sum(x.addressable_shards[0].data.nbytes for x in leaves)
+    sizes = layout.axis_sizes
+    expected = total / sizes["fsdp"]
+    assert per_device <= expected * 1.01
+    assert per_device >= total / (sizes["fsdp"] * sizes["tensor"]) * 0.99
+
+
+def test_mamba_specs_and_sharded_gradients_equal_unsharded():
+    cfg = jscale.presets.get("mamba-tiny").override(
+        {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "train.batch_size": 4,
+         "train.seq_len": 32})
+    layout = make_layout(cfg)
+    params = jscale.models.init(jax.random.PRNGKey(0), cfg.model)
+    specs = _by_name(sharding.tree_specs(params, layout.mesh))
+    assert specs["w_in_x_LDF"] == [P(None, "fsdp", "tensor")]
+    assert specs["w_out_LFD"] == [P(None, "tensor", "fsdp")]
+    assert specs["a_log_LFN"] == [P(None, "tensor")]
+    assert specs["w_dt_LKF"] == [P(None, None, "tensor")]
+    assert specs["w_conv_LWF"] == [P(None, None, "tensor")]
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 33), 0, 257)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+    def loss(p, b):
+        return loss_fn(p, b, cfg.model)[0]
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss))(params, batch)
+    shardings = sharding.tree_shardings(params, layout.mesh)
+    sharded = jax.jit(sharding.traced_under(layout, jax.value_and_grad(loss)),
+                      in_shardings=(shardings, layout.batch_sharding()),
+                      out_shardings=(layout.replicated(), shardings))
+    got_loss, got_grads = sharded(params, batch)
+    np.testing.assert_allclose(got_loss, ref_loss, **SHARDED_VS_SINGLE_LOSS)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 got_grads, ref_grads)
+    assert got_grads["layers"]["mixer"]["w_in_x_LDF"].sharding.spec == P(None, "fsdp", "tensor")
+
+
+def test_no_layout_means_no_constraints():
+    """The single-device path is the unsharded program: no sharding constraint is traced."""
+    cfg = _tiny()
+    assert make_layout(cfg) is None
+    params = jax.eval_shape(lambda: jscale.models.init(jax.random.PRNGKey(0), cfg.model))
+    batch = {"inputs": jnp.zeros((2, 8), jnp.int32), "targets": jnp.zeros((2, 8), jnp.int32)}
+    plain = str(jax.make_jaxpr(lambda p, b: loss_fn(p, b, cfg.model))(params, batch))
+    assert "sharding_constraint" not in plain
+    layout = make_layout(_tiny(*LAYOUTS["data=2,fsdp=2,tensor=2"]))
+    with sharding.activate(layout):
+        constrained = str(jax.make_jaxpr(lambda p, b: loss_fn(p, b, cfg.model))(params, batch))
+    assert "sharding_constraint" in constrained
+
+
+# --- sharded training ≡ one device --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_cli_training_on_a_mesh_matches_one_device(layout_name, single_losses, tmp_path):
+    assert cli_main(_train_args(tmp_path, *LAYOUTS[layout_name])) == 0
+    np.testing.assert_allclose(_losses(tmp_path), single_losses, **SHARDED_VS_SINGLE_LOSS)
+    assert json.loads((tmp_path / "config.json").read_text())["mesh"]["tensor"] == (
+        2 if "tensor" in layout_name else 1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(out: Path) -> None:
+    """`jscale train` as two processes × 4 CPU devices, mesh data=2, fsdp=4, on localhost."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    port = _free_port()
+    args = _train_args(out, "mesh.data=2", "mesh.fsdp=4")
+    procs = [subprocess.Popen([sys.executable, "-m", "jscale.cli", *args, "--coordinator",
+                               f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for i, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"process {i} failed:\n{err[-3000:]}"
+
+
+def test_two_process_run_matches_single_process_and_resumes_exactly(single_losses, tmp_path):
+    _two_processes(tmp_path)
+    losses = _losses(tmp_path)
+    np.testing.assert_allclose(losses, single_losses, **SHARDED_VS_SINGLE_LOSS)
+    # Both processes saved their data-iterator state; orbax wrote one sharded state.
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "6" / "data")) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+    # Resume from step 6: drop the final checkpoint and summary, rerun the same command.
+    import shutil
+    shutil.rmtree(tmp_path / "checkpoints" / "12")
+    (tmp_path / "summary.json").unlink()
+    _two_processes(tmp_path)
+    assert _losses(tmp_path) == losses  # bitwise: the resumed run continues exactly
+
+
+# --- bad meshes ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["mesh.data=3"], r"mesh: the axis sizes \(data=3\) multiply to 3, but there are 8 devices; "
+                      r"their product must equal the device count"),
+    (["mesh.data=3", "mesh.fsdp=-1"], r"mesh.fsdp: -1 fills the remaining devices, but the other "
+                                      r"axes \(data=3\) multiply to 3, which does not divide the 8"),
+    (["mesh.data=8", "train.batch_size=12"],
+     r"train.batch_size: must be divisible by mesh.data × mesh.fsdp = 8 × 1 = 8 \(got 12\)"),
+    (["mesh.tensor=4", "mesh.data=2"], r"mesh.tensor: must divide model.n_kv_heads = 2"),
+    (["mesh.tensor=8", "model.n_heads=8", "model.n_kv_heads=8", "model.d_ff=100"],
+     r"mesh.tensor: must divide the FFN / inner width \(model.d_ff.*\) = 100"),
+    (["mesh.fsdp=8", "model.d_model=132", "model.n_heads=2", "model.n_kv_heads=2"],
+     r"mesh.fsdp: must divide model.d_model = 132"),
+    (["mesh.expert=8"], r"mesh.expert: the model has no experts"),
+    (["mesh.runs=8"], r"mesh.runs: only `jscale sweep` shards runs"),
+])
+def test_bad_meshes_fail_at_start_up(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_layout(_tiny(*overrides))
+
+
+def test_bad_mesh_cli_exits_2_with_one_line(tmp_path, capsys):
+    assert cli_main(_train_args(tmp_path, "mesh.data=3")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jscale train: error: mesh: the axis sizes") and "\n" not in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_two_minus_ones_and_partial_distributed_flags_are_rejected():
+    with pytest.raises(ConfigError, match="at most one axis may be -1"):
+        _tiny("mesh.data=-1", "mesh.fsdp=-1")
+    with pytest.raises(ConfigError, match="--coordinator, --num-processes and --process-id go "
+                                          "together"):
+        sharding.initialize_distributed("localhost:1234", None, None)
+    with pytest.raises(ConfigError, match=r"--process-id: must be in \[0, --num-processes=2\)"):
+        sharding.initialize_distributed("localhost:1234", 2, 5)
+
+
+def test_minus_one_fills_the_remaining_devices():
+    mesh = sharding.make_mesh(_tiny("mesh.data=2", "mesh.fsdp=-1").mesh)
+    assert dict(mesh.shape) == {"runs": 1, "data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
