@@ -19,7 +19,6 @@ of all parameters), D the training tokens, C = jscale's ``flops_per_token(...)["
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -92,8 +91,9 @@ def analyze(df, out_dir: Path) -> None:
     if len(budgets):
         fitted = laws.fit_chinchilla(runs["N"], runs["D"], runs["loss"])
         next_c = float(budgets[-1]) * (budgets[-1] / budgets[-2] if len(budgets) > 1 else 10.0)
-        echo(f"== Next budget up, C = {next_c:.3g} FLOPs (C = 6ND): N_opt = {float(fitted.N_opt(next_c)):,.0f}"
-             f" non-embedding params, D_opt = {float(fitted.D_opt(next_c)):,.0f} tokens; "
+        echo(f"== Next budget up, C = {next_c:.3g} FLOPs (C = 6ND): "
+             f"N_opt = {float(fitted.N_opt(next_c)):,.0f} non-embedding params, "
+             f"D_opt = {float(fitted.D_opt(next_c)):,.0f} tokens; "
              f"exponents a = {fitted.a:.3f}, b = {fitted.b:.3f}")
         summary["next_budget"] = {"C": next_c, "N_opt": float(fitted.N_opt(next_c)),
                                   "D_opt": float(fitted.D_opt(next_c)), "a": fitted.a, "b": fitted.b}

@@ -11,6 +11,8 @@ Output directory layout (``out_dir``):
 * ``checkpoints/<step>/`` — orbax checkpoints (state + data iterator), every ``checkpoint_every`` steps
   and at the end. Rerunning the same command resumes from the newest complete one and reproduces the
   uninterrupted run exactly (bitwise on CPU).
+* Only process 0 writes these files; on a mesh (``cfg.mesh``, see :mod:`jscale.sharding`) every
+  process trains its share and takes part in the checkpoints.
 * ``summary.json`` — written at the end: ``final_train_loss`` (mean ``loss`` of the last
   ``FINAL_LOSS_ROWS`` rows of ``metrics.jsonl``), ``final_eval_loss``, parameter counts, FLOPs,
   ``wall_time_s`` and ``diverged`` (with ``diverged_step``, the first step whose loss was NaN/inf).
@@ -230,6 +232,9 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
     if primary:
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
+    if layout is None and jax.device_count() > 1 and not quiet:
+        print(f"jscale: training on 1 of {jax.device_count()} devices (the default mesh); set "
+              "--set mesh.data=-1 (or fsdp/tensor) to use them all", file=sys.stderr)
     tokens_per_step = tc.batch_size * tc.seq_len
     t0 = time.perf_counter()
     interval_start, interval_steps, pending = t0, 0, []

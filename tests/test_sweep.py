@@ -280,3 +280,45 @@ def test_mamba_runs_in_a_sweep(tmp_path):
     df = sweep.run(runs, tmp_path, strategy="vmap", progress=False)
     assert df["group_id"].nunique() == 1 and set(df["status"]) == {"ok"}
     assert np.all(np.isfinite(df["final_eval_loss"])) and df["final_eval_loss"].nunique() == 4
+
+
+MESH_SCRIPT = """
+import json
+from jscale import sweep
+from jscale.config import RunConfig
+
+def grid(preset):
+    return [RunConfig.from_dict(d) for d in json.loads(open({runs!r}).read())]
+
+if __name__ == "__main__":
+    sweep.main(grid)
+"""
+
+
+def test_two_process_sweep_equals_unsharded(vmap_df, tmp_path):
+    """`jscale sweep` as two processes × 4 CPU devices (mesh runs=4, data=2) gives the unsharded
+    group's results; only process 0 writes the results store."""
+    import os
+    import socket
+    runs = [r.override({"mesh.runs": 4, "mesh.data": 2}) for r in _group_a()]
+    (tmp_path / "runs.json").write_text(json.dumps([r.to_dict() for r in runs]))
+    script = tmp_path / "exp.py"
+    script.write_text(MESH_SCRIPT.format(runs=str(tmp_path / "runs.json")))
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jscale.cli", "sweep", str(script), "--preset", "mesh", "--out",
+         str(tmp_path / "out"), "--quiet", "--coordinator", f"localhost:{port}",
+         "--num-processes", "2", "--process-id", str(i)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for i, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"process {i}:\n{err[-3000:]}"
+    df = sweep.load(tmp_path / "out")
+    assert list(df["status"]) == ["ok"] * 4 and set(df["strategy"]) == {"vmap"}
+    for col in ("final_eval_loss", "final_train_loss"):
+        np.testing.assert_allclose(df[col], vmap_df[col].iloc[:4], **SWEEP_VMAP_VS_SEQUENTIAL)

@@ -56,7 +56,7 @@ def member_bytes(cfg: RunConfig) -> int:
 
 def device_memory_bytes() -> int:
     """Memory of one device: the accelerator's ``bytes_limit``, or half the host RAM on CPU."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
@@ -87,7 +87,7 @@ def _result_row(cfg: RunConfig, gid: str, log: group_lib._MemberLog, *, strategy
                 min_eval_loss=min(log.eval_losses) if log.eval_losses else None,
                 diverged=not log.running, diverged_step=log.diverged_step,
                 wall_time_s=wall / size, group_wall_time_s=wall, group_size=size,
-                strategy=strategy, device_kind=jax.devices()[0].device_kind,
+                strategy=strategy, device_kind=jax.local_devices()[0].device_kind,
                 jax_version=jax.__version__)
 
 
@@ -105,7 +105,7 @@ class _Strategies:
                programs: _ProgramCache) -> tuple[str, dict | None]:
         if chunk_key in self.local:
             return self.local[chunk_key]["choice"], self.local[chunk_key]
-        device_key = f"{jax.default_backend()}|{jax.devices()[0].device_kind}|{chunk_key}"
+        device_key = f"{jax.default_backend()}|{jax.local_devices()[0].device_kind}|{chunk_key}"
         if len(members) == 1:  # nothing to pack: the plain step is the vmapped one minus overhead
             probe = {"choice": "sequential", "R": 1, "reason": "a single run"}
         else:
