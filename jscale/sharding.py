@@ -332,6 +332,30 @@ def constrain_params(params: Any, dims: str | None = None) -> Any:
                         params, specs)
 
 
+def per_shard(fn, in_dims: tuple[str | None, ...], out_dims: str):
+    """``fn`` run on each device's block (``jax.shard_map``) under the active layout; ``fn`` itself
+    when none is active.
+
+    For ops XLA cannot partition — Pallas kernels are opaque custom calls, which the partitioner
+    would gather and run whole on every device — but that are independent across the sharded dims
+    (attention across batch and heads, the selective scan across batch and channels). Each argument
+    is split by the activation rules for its ``in_dims`` (``None``: a non-array or replicated
+    argument); the result, shaped like the first argument, is assembled from its blocks by
+    ``out_dims``.
+    """
+    def wrapped(*args):
+        layout = _ACTIVE.get()
+        if layout is None:
+            return fn(*args)
+        sizes, rules = layout.axis_sizes, layout.activation_rules
+        in_specs = tuple(P() if d is None or a is None else spec_for(d, a.shape, rules, sizes)
+                         for a, d in zip(args, in_dims, strict=True))
+        out_spec = spec_for(out_dims, args[0].shape, rules, sizes)
+        return jax.shard_map(fn, mesh=layout.mesh, in_specs=in_specs, out_specs=out_spec,
+                             check_vma=False)(*args)
+    return wrapped
+
+
 # ---------------------------------------------------------------------------------------------------
 # batches as global arrays
 

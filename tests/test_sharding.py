@@ -238,3 +238,66 @@ def test_minus_one_fills_the_remaining_devices():
     mesh = sharding.make_mesh(_tiny("mesh.data=2", "mesh.fsdp=-1").mesh)
     assert dict(mesh.shape) == {"runs": 1, "data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, False),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, False),  # a one-task SLURM job: one process
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "1"}, False),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),  # a single-host TPU VM
+    ({"TPU_WORKER_HOSTNAMES": "host0,host1"}, True),  # a pod slice
+    ({"JAX_COORDINATOR_ADDRESS": "host0:1234"}, True),
+])
+def test_cluster_auto_detection_only_in_multi_process_jobs(env, expected, monkeypatch):
+    for var in sharding._CLUSTER_ENV + ("SLURM_NTASKS",):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert sharding._in_cluster() is expected
+    if not expected:  # no flags, no cluster: a single-process run, nothing is initialized
+        assert sharding.initialize_distributed() is False
+
+
+@pytest.mark.parametrize("preset, overrides, module, name", [
+    ("tiny", {"model.attention_impl": "pallas", "model.d_model": 64, "model.d_ff": 128,
+              "model.n_layers": 1}, "pallas_kernels.flash_attention", "flash_attention"),
+    ("mamba-tiny", {"model.scan_impl": "pallas", "model.d_model": 32, "model.n_layers": 1},
+     "pallas_kernels.selective_scan", "selective_scan"),
+])
+def test_pallas_kernels_run_per_shard_on_a_mesh(preset, overrides, module, name, monkeypatch):
+    """On a mesh the (opaque) Pallas kernels run under shard_map on each device's batch rows and
+    heads / channels, and the sharded loss and gradients equal the unsharded XLA path's."""
+    import importlib
+    cfg = jscale.presets.get(preset).override(
+        {**overrides, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "train.batch_size": 4,
+         "train.seq_len": 32})
+    xla_cfg = cfg.override({k: "xla" for k in overrides if k.endswith("_impl")})
+    layout = make_layout(cfg)
+    params = jscale.models.init(jax.random.PRNGKey(0), cfg.model)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 33), 0, 257)
+    segments = jnp.concatenate([jnp.zeros((4, 10), jnp.int32), jnp.ones((4, 22), jnp.int32)], 1)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments}
+    shapes = []
+    mod = importlib.import_module(module)
+    kernel = getattr(mod, name)
+    def recording(*args, **kwargs):  # the shapes the Pallas kernel is called with
+        if kwargs.get("impl") == "pallas":
+            shapes.append(args[0].shape)
+        return kernel(*args, **kwargs)
+    monkeypatch.setattr(mod, name, recording)
+    if preset == "mamba-tiny":  # the model imported the function by name
+        monkeypatch.setattr(jscale.models.mamba, name, getattr(mod, name))
+
+    def value_and_grad(model_cfg):
+        return jax.value_and_grad(lambda p, b: loss_fn(p, b, model_cfg)[0])
+    ref_loss, ref_grads = jax.jit(value_and_grad(xla_cfg.model))(params, batch)
+    sharded = jax.jit(sharding.traced_under(layout, value_and_grad(cfg.model)),
+                      in_shardings=(sharding.tree_shardings(params, layout.mesh),
+                                    layout.batch_sharding()))
+    loss, grads = sharded(params, batch)
+    # Batch 4 over data × fsdp = 4 devices, heads (4) / channels (64) over tensor = 2.
+    assert shapes and set(shapes) == {(1, 32, 2, 16) if preset == "tiny" else (1, 32, 32)}
+    np.testing.assert_allclose(loss, ref_loss, **SHARDED_VS_SINGLE_LOSS)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads)

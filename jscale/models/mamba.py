@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jscale import nn
 from jscale.config import check
-from jscale.sharding import constrain, constrain_params
+from jscale.sharding import constrain, constrain_params, per_shard
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.selective_scan.reference import softplus
 
@@ -274,9 +274,13 @@ def mixer(h_BTD: Array, m: dict[str, Array], cfg: MambaConfig, *,
     if segment_ids_BT is not None:
         reset_BT = jnp.concatenate([jnp.zeros_like(segment_ids_BT[:, :1], bool),
                                     segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
-    y_BTF = selective_scan(xc_BTF, delta_BTF, A_FN, b_BTN, c_BTN, m["skip_LF"], z_BTF,
-                           m["b_dt_LF"], delta_softplus=True, reset=reset_BT,
-                           impl=cfg.scan_impl, chunk=cfg.scan_chunk)
+    def scan(u_BTF, delta_BTF, A_FN, b_BTN, c_BTN, skip_F, z_BTF, delta_bias_F, reset_BT):
+        return selective_scan(u_BTF, delta_BTF, A_FN, b_BTN, c_BTN, skip_F, z_BTF, delta_bias_F,
+                              delta_softplus=True, reset=reset_BT, impl=cfg.scan_impl,
+                              chunk=cfg.scan_chunk)
+    if cfg.scan_impl != "xla":  # on a mesh the kernel runs on each device's rows and channels
+        scan = per_shard(scan, ("BTF", "BTF", "FN", "BTN", "BTN", "F", "BTF", "F", "BT"), "BTF")
+    y_BTF = scan(xc_BTF, delta_BTF, A_FN, b_BTN, c_BTN, m["skip_LF"], z_BTF, m["b_dt_LF"], reset_BT)
     return _out_proj(y_BTF.astype(cdt), m, cdt)
 
 

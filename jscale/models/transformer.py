@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jscale import nn
 from jscale.config import check
-from jscale.sharding import constrain, constrain_params
+from jscale.sharding import constrain, constrain_params, per_shard
 
 Array = jax.Array
 DTYPES = ("float32", "bfloat16", "float16")
@@ -171,8 +171,13 @@ def attention(q_BTHK: Array, k_BSGK: Array, v_BSGK: Array, *, segment_ids_BT: Ar
     """
     if impl == "pallas":
         from pallas_kernels.flash_attention import flash_attention
-        return flash_attention(q_BTHK, k_BSGK, v_BSGK, causal=True, segment_ids=segment_ids_BT,
-                               impl="pallas")
+
+        def kernel(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT):
+            return flash_attention(q_BTHK, k_BSGK, v_BSGK, causal=True,
+                                   segment_ids=segment_ids_BT, impl="pallas")
+        # On a mesh the kernel runs on each device's batch rows and heads (kv heads split alike).
+        return per_shard(kernel, ("BTHK", "BSGK", "BSGK", "BT"), "BTHK")(
+            q_BTHK, k_BSGK, v_BSGK, segment_ids_BT)
     if impl != "xla":
         raise ValueError(f"attention impl {impl!r} is not available")
     mask = None if segment_ids_BT is None else nn.segment_mask(segment_ids_BT)
