@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections import defaultdict
 
 
@@ -62,6 +61,7 @@ def main() -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
     import numpy as np
+    from bench_train import time_steps  # experiments/ is on sys.path when a script runs
 
     import jscale
     from jscale import optim, sharding
@@ -92,13 +92,8 @@ def main() -> None:
                  {k: sharding.put_global(v, layout.batch_sharding()) for k, v in host_batch.items()})
         state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
         device_bytes = _per_device_bytes((state.params, state.opt_state))
-        state, m = step(state, batch)  # compile + warm up
-        jax.block_until_ready(m)
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            state, m = step(state, batch)
-        jax.block_until_ready(m)
-        step_s = (time.perf_counter() - t0) / args.steps
+        state, step_s = time_steps(step, state, batch, args.steps)
+        m = step(state, batch)[1]  # the loss, to show every layout computes the same
         baseline_s = baseline_s or step_s
         print(json.dumps({
             "bench": "sharding", "layout": spec, "preset": args.preset,

@@ -33,6 +33,17 @@ def _best_time(fn, *args, repeats: int) -> float:
     return float(np.median(times))
 
 
+def time_steps(step, state, batch, n_steps: int):
+    """Run ``step`` once (compile, warm up), then time ``n_steps`` more: ``(state, seconds/step)``."""
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    return state, (time.perf_counter() - t0) / n_steps
+
+
 def matmul_peak(dtype: str, n: int, repeats: int = 5) -> float:
     """FLOP/s of an ``n×n @ n×n`` ``jnp.dot`` in ``dtype`` (median of ``repeats``)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
@@ -59,13 +70,7 @@ def main() -> None:
                             jnp.int32) for k in ("inputs", "targets")}
     batch["segment_ids"] = jnp.ones((tc.batch_size, tc.seq_len), jnp.int32)
 
-    state, m = step(state, batch)  # compile
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        state, m = step(state, batch)
-    jax.block_until_ready(m)
-    step_s = (time.perf_counter() - t0) / args.steps
+    state, step_s = time_steps(step, state, batch, args.steps)
 
     backend = jax.default_backend()
     n = args.matmul_n or (2048 if backend == "cpu" else 8192)

@@ -156,7 +156,20 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert", "runs")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
-    """Device-mesh axis sizes. All 1 (one device) by default; one axis may be -1 (all remaining)."""
+    """Device-mesh axis sizes (see :mod:`jscale.sharding`).
+
+    All 1 (the default) is one device and the unsharded program. Otherwise the sizes must multiply to
+    the device count; one axis may be -1 (all remaining devices). Whether the mesh suits the model and
+    batch is checked at start-up by :func:`jscale.sharding.check_mesh`.
+
+    Attributes:
+      data: data parallelism (the batch is split, parameters replicated).
+      fsdp: fully sharded data parallelism (the batch is split; parameters and optimizer state are
+        sharded over their ``D`` dim and gathered one layer at a time).
+      tensor: Megatron tensor parallelism (query/kv heads and the FFN width are split).
+      expert: expert parallelism (models with experts).
+      runs: sweeps only: a vmapped group's members are split over it.
+    """
 
     data: int = 1
     fsdp: int = 1

@@ -12,6 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jscale-jax-cache-"))
 
 import random  # noqa: E402
+import socket  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -29,3 +30,11 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Tokenizer / corpus caches go to a per-session temp dir, never the user's home."""
     monkeypatch.setenv("JSCALE_CACHE", str(tmp_path_factory.getbasetemp() / "jscale_cache"))
     yield
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free localhost TCP port (for a jax.distributed coordinator in multi-process tests)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]

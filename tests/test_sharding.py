@@ -3,7 +3,6 @@ CLI, a real two-process run joined with jax.distributed, and the documented erro
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -158,17 +157,10 @@ def test_cli_training_on_a_mesh_matches_one_device(layout_name, single_losses, t
         2 if "tensor" in layout_name else 1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _two_processes(out: Path) -> None:
+def _two_processes(out: Path, port: int) -> None:
     """`jscale train` as two processes × 4 CPU devices, mesh data=2, fsdp=4, on localhost."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    port = _free_port()
     args = _train_args(out, "mesh.data=2", "mesh.fsdp=4")
     procs = [subprocess.Popen([sys.executable, "-m", "jscale.cli", *args, "--coordinator",
                                f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
@@ -179,8 +171,9 @@ def _two_processes(out: Path) -> None:
         assert proc.returncode == 0, f"process {i} failed:\n{err[-3000:]}"
 
 
-def test_two_process_run_matches_single_process_and_resumes_exactly(single_losses, tmp_path):
-    _two_processes(tmp_path)
+def test_two_process_run_matches_single_process_and_resumes_exactly(single_losses, tmp_path,
+                                                                   free_port):
+    _two_processes(tmp_path, free_port)
     losses = _losses(tmp_path)
     np.testing.assert_allclose(losses, single_losses, **SHARDED_VS_SINGLE_LOSS)
     # Both processes saved their data-iterator state; orbax wrote one sharded state.
@@ -190,7 +183,7 @@ def test_two_process_run_matches_single_process_and_resumes_exactly(single_losse
     import shutil
     shutil.rmtree(tmp_path / "checkpoints" / "12")
     (tmp_path / "summary.json").unlink()
-    _two_processes(tmp_path)
+    _two_processes(tmp_path, free_port)
     assert _losses(tmp_path) == losses  # bitwise: the resumed run continues exactly
 
 

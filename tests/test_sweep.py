@@ -4,6 +4,7 @@ results store, failures, the runs mesh axis, and kill-and-resume equality."""
 import dataclasses
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -244,7 +245,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     script = tmp_path / "exp.py"
     script.write_text(SCRIPT.format(micro=MICRO))
     repo = str(Path(__file__).resolve().parents[1])
-    env = {**__import__("os").environ, "PYTHONPATH": repo}
+    env = {**os.environ, "PYTHONPATH": repo}
 
     def cmd(out, *extra):
         return [sys.executable, str(script), "--preset", "cpu", "--out", str(out),
@@ -295,11 +296,9 @@ if __name__ == "__main__":
 """
 
 
-def test_two_process_sweep_equals_unsharded(vmap_df, tmp_path):
+def test_two_process_sweep_equals_unsharded(vmap_df, tmp_path, free_port):
     """`jscale sweep` as two processes × 4 CPU devices (mesh runs=4, data=2) gives the unsharded
     group's results; only process 0 writes the results store."""
-    import os
-    import socket
     runs = [r.override({"mesh.runs": 4, "mesh.data": 2}) for r in _group_a()]
     (tmp_path / "runs.json").write_text(json.dumps([r.to_dict() for r in runs]))
     script = tmp_path / "exp.py"
@@ -307,12 +306,9 @@ def test_two_process_sweep_equals_unsharded(vmap_df, tmp_path):
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
     procs = [subprocess.Popen(
         [sys.executable, "-m", "jscale.cli", "sweep", str(script), "--preset", "mesh", "--out",
-         str(tmp_path / "out"), "--quiet", "--coordinator", f"localhost:{port}",
+         str(tmp_path / "out"), "--quiet", "--coordinator", f"localhost:{free_port}",
          "--num-processes", "2", "--process-id", str(i)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     for i, proc in enumerate(procs):
