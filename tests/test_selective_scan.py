@@ -179,9 +179,11 @@ def test_kernel_bfloat16_inputs():
     np.testing.assert_allclose(last, last0, **F32_REORDER)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("target, platform", [("gpu", "cuda"), ("tpu", "tpu")])
-def test_forward_and_backward_lower_for_accelerators(data, target, platform):
-    """Mosaic GPU / Mosaic TPU lowering of both kernels, checked on CPU (no device needed)."""
+def test_forward_and_backward_lower_for_accelerators(data, target, platform, dtype):
+    """Mosaic GPU / Mosaic TPU lowering of both kernels, checked on CPU (no device needed); in
+    float32 the GPU backward's blocks are twice as large and must still fit shared memory."""
     x, reset, _ = data
     kw = _kwargs("full", x, reset)
 
@@ -189,7 +191,7 @@ def test_forward_and_backward_lower_for_accelerators(data, target, platform):
         out, last = selective_scan(u, delta, A, Bm, Cm, **kw, impl="pallas", target=target)
         return jnp.sum(out) + jnp.sum(last)
 
-    args = [jax.ShapeDtypeStruct(x[k].shape, jnp.bfloat16 if k not in ("A",) else jnp.float32)
+    args = [jax.ShapeDtypeStruct(x[k].shape, jnp.dtype(dtype) if k not in ("A",) else jnp.float32)
             for k in ("u", "delta", "A", "B", "C")]
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*args).lower(
         lowering_platforms=(platform,))
@@ -208,3 +210,36 @@ def test_impl_switch_and_errors(data):
         selective_scan(x["u"], x["delta_pos"], x["A"], x["B"][:, :5], x["C"])
     with pytest.raises(ValueError, match="no compiled Pallas kernel for platform 'cpu'"):
         selective_scan(*args, impl="pallas", interpret=False)
+
+
+@pytest.mark.parametrize("dtype, resets", [("float32", False), ("bfloat16", False),
+                                           ("bfloat16", True)])
+def test_gpu_backward_fits_shared_memory_at_mamba_shapes(dtype, resets):
+    """A Mamba layer's scan (T 128, 128 channels, N 16, with z, D and Δ bias): the default GPU
+    chunk leaves the backward within Hopper's 227 KB of shared memory (Mosaic GPU checks it while
+    lowering; float32 inputs once overflowed by 1 KB). With resets the chunk must be a multiple of
+    32, which float32 inputs cannot fit: that fails with a clear error instead."""
+    B, T, F, N = 2, 128, 128, 16
+    dt = jnp.dtype(dtype)
+    args = [jax.ShapeDtypeStruct(shape, dt) for shape in [(B, T, F), (B, T, F)]] + [
+        jax.ShapeDtypeStruct((F, N), jnp.float32)] + [
+        jax.ShapeDtypeStruct(shape, dt) for shape in [(B, T, N), (B, T, N), (F,), (B, T, F), (F,)]]
+    reset = jax.ShapeDtypeStruct((B, T), jnp.bool_) if resets else None
+
+    def loss(u, delta, A, Bm, Cm, D, z, bias, reset):
+        out = selective_scan(u, delta, A, Bm, Cm, D, z, bias, delta_softplus=True, reset=reset,
+                             impl="pallas", target="gpu")
+        return out.astype(jnp.float32).sum()
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*args, reset).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") >= 2
+
+
+def test_gpu_float32_with_resets_that_cannot_fit_fails_clearly():
+    args = [jnp.zeros((2, 128, 128)), jnp.zeros((2, 128, 128)), jnp.zeros((128, 16)),
+            jnp.zeros((2, 128, 16)), jnp.zeros((2, 128, 16))]
+    with pytest.raises(ValueError, match="needs ~.* B of shared memory .* use bfloat16 inputs"):
+        jax.jit(lambda *a: selective_scan(*a, reset=jnp.zeros((2, 128), bool), impl="pallas",
+                                          target="gpu")).trace(*args).lower(
+            lowering_platforms=("cuda",))

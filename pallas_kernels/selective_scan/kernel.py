@@ -51,8 +51,12 @@ Array = jax.Array
 #: 4 B = 2.1 MB) sits in VMEM. On GPU the forward double-buffers its input blocks, the backward (its
 #: state buffer takes most of shared memory) does not. Untuned: no accelerator has run these yet.
 DEFAULTS = {"mosaic_gpu": (32, 64), "tpu": (64, 512), "interpret": (64, 512)}
-#: Shared memory the GPU backward's state buffer may take; larger N gets a shorter default chunk.
-GPU_STATE_BUFFER_BYTES = 136 * 1024
+#: Shared memory one GPU block may use (Hopper: 227 KB) and a margin kept free of it.
+GPU_SMEM_BYTES, GPU_SMEM_MARGIN = 227 * 1024, 4096
+#: Besides its ``[chunk + 1, block_d, N]`` float32 state buffer, the GPU backward holds this many
+#: ``chunk × block_d`` blocks of the input dtype (inputs, cotangents, gradients). Calibrated on Mosaic
+#: GPU's own accounting: 233,480 B at chunk 32, block_d 64, N 16, float32 = 135,168 + 12 × 8,192 + 8.
+GPU_IO_BLOCKS = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +81,27 @@ class Plan:
 
 def plan_for(backend: str, *, seq_len: int, d: int, n: int, chunk: int | None,
              block_d: int | None, orientation: str | None, has_z: bool, has_d: bool,
-             has_bias: bool, has_reset: bool, softplus: bool) -> tuple[Plan, int, int, int]:
-    """A plan and the padded ``(T, D, N)`` the arrays must have for it."""
+             has_bias: bool, has_reset: bool, softplus: bool,
+             itemsize: int = 4) -> tuple[Plan, int, int, int]:
+    """A plan and the padded ``(T, D, N)`` the arrays must have for it. ``itemsize``: bytes per
+    element of the inputs (the GPU default chunk is the longest whose backward fits shared memory)."""
     default_chunk, default_block = DEFAULTS[backend]
     block_d = block_d or default_block
     if chunk is None and backend == "mosaic_gpu":
-        fits = GPU_STATE_BUFFER_BYTES // (block_d * _round_up(n, 8) * 4) - 1
-        chunk = max(8, min(default_chunk, fits // 8 * 8))
+        # The longest chunk (a multiple of 8; of 32 with resets, whose float32 rows Mosaic GPU
+        # copies in 128-byte units) whose backward fits shared memory.
+        step = 32 if has_reset else 8
+        state_row = block_d * _round_up(n, 8) * 4
+        per_step = state_row + GPU_IO_BLOCKS * block_d * itemsize
+        fits = (GPU_SMEM_BYTES - GPU_SMEM_MARGIN - state_row) // per_step
+        chunk = min(default_chunk, fits // step * step)
+        if chunk < step:
+            need = state_row + step * per_step
+            raise ValueError(
+                f"selective_scan on Mosaic GPU: the backward of a {step}-step chunk of {block_d} "
+                f"channels with N={n} and {itemsize}-byte inputs needs ~{need:,} B of shared "
+                f"memory (> {GPU_SMEM_BYTES - GPU_SMEM_MARGIN:,}); use bfloat16 inputs, a smaller "
+                "N, or impl='xla'")
     chunk = chunk or default_chunk
     if orientation is None:
         orientation = "dn" if backend == "mosaic_gpu" else "nd"

@@ -112,7 +112,8 @@ def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array, D: Arra
     plan, t_pad, d_pad, n_pad = kernel.plan_for(
         backend, seq_len=T, d=d, n=n, chunk=chunk, block_d=block_d, orientation=orientation,
         has_z=z is not None, has_d=D is not None, has_bias=delta_bias is not None,
-        has_reset=reset is not None, softplus=bool(delta_softplus))
+        has_reset=reset is not None, softplus=bool(delta_softplus),
+        itemsize=jnp.dtype(u.dtype).itemsize)
     keep = None if reset is None else 1.0 - reset.astype(jnp.float32)
     out, last = _scan(plan, (t_pad, d_pad, n_pad), u, delta, A, B, C, D, z, delta_bias, keep)
     return (out, last) if return_last_state else out
