@@ -56,6 +56,11 @@ class Checkpointer:
             meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
 
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON metadata of checkpoint ``step`` alone (nothing else is restored)."""
+        return self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+
     def wait(self) -> None:
         """Block until pending asynchronous saves are complete."""
         self._manager.wait_until_finished()

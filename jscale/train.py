@@ -165,6 +165,11 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+#: Config fields a resumed run may change: where it runs (the checkpoint is restored onto the new
+#: mesh), not what it computes.
+RESUMABLE_CHANGES = ("mesh.",)
+
+
 def _prepare_out_dir(cfg: RunConfig, out: Path, *, write: bool = True) -> None:
     if write:
         out.mkdir(parents=True, exist_ok=True)
@@ -172,10 +177,14 @@ def _prepare_out_dir(cfg: RunConfig, out: Path, *, write: bool = True) -> None:
     if cfg_path.exists():
         old = RunConfig.from_dict(json.loads(cfg_path.read_text())).flat()
         new = cfg.flat()
-        diff = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+        changed = [k for k in new if old.get(k) != new[k]]
+        diff = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed
+                if not k.startswith(RESUMABLE_CHANGES)]
         if diff:
             raise ConfigError(f"{out} holds a run with a different config ({'; '.join(diff)}); "
                               "rerun with the same settings to resume, or use a new --out")
+        if changed and write:  # a new mesh: config.json records where the run goes on
+            _write_json_atomic(cfg_path, cfg.to_dict())
     elif write:
         _write_json_atomic(cfg_path, cfg.to_dict())
 
@@ -208,15 +217,16 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
         eval_fn = make_eval_step(cfg)
         data_iter = iter(data_lib.train_dataset(corpus, seq_len=tc.seq_len,
                                                 batch_size=tc.batch_size, seed=tc.seed))
-        to_device = dict
+        to_device, data_shards = dict, 1
     else:
         # Each process loads only the rows of the global batch its devices hold.
         eval_fn = make_eval_step(cfg, layout, jax.tree.map(lambda x: x.sharding, state.params))
         batch_sh = layout.batch_sharding()
         lo, hi = sharding_lib.local_rows(batch_sh, (tc.batch_size, tc.seq_len))
+        data_shards = tc.batch_size // (hi - lo)
         data_iter = iter(data_lib.train_dataset(
             corpus, seq_len=tc.seq_len, batch_size=hi - lo, seed=tc.seed,
-            shard_index=lo // (hi - lo), shard_count=tc.batch_size // (hi - lo)))
+            shard_index=lo // (hi - lo), shard_count=data_shards))
 
         def to_device(local):
             return sharding_lib.global_batch(local, batch_sh, tc.batch_size)
@@ -225,6 +235,12 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
     ckpt = Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints)
     start, prior_wall = 0, 0.0
     if (latest := ckpt.latest_step()) is not None:
+        saved_shards = ckpt.read_meta(latest).get("data_shards", 1)
+        if saved_shards != data_shards:
+            raise ConfigError(f"mesh: the checkpoint at step {latest} in {out} was written with the "
+                              f"batch loaded in {saved_shards} shard(s) across processes, this mesh "
+                              f"loads it in {data_shards}; resume with as many processes splitting "
+                              "the batch")
         state, meta = ckpt.restore(latest, state, data_iter)
         start, prior_wall = latest, float(meta["wall_time_s"])
     metrics_path = out / "metrics.jsonl"
@@ -232,9 +248,16 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
     if primary:
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    if layout is None and jax.device_count() > 1 and not quiet:
+    if quiet or not primary:
+        pass
+    elif layout is None and jax.device_count() > 1:
         print(f"jscale: training on 1 of {jax.device_count()} devices (the default mesh); set "
               "--set mesh.data=-1 (or fsdp/tensor) to use them all", file=sys.stderr)
+    elif layout is not None:
+        axes = " × ".join(f"{a}={n}" for a, n in layout.axis_sizes.items() if n > 1)
+        print(f"jscale: mesh {axes} over {layout.mesh.size} devices"
+              + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""),
+              file=sys.stderr)
     tokens_per_step = tc.batch_size * tc.seq_len
     t0 = time.perf_counter()
     interval_start, interval_steps, pending = t0, 0, []
@@ -278,7 +301,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
             metrics_file.flush()
             rows.append(row)
             if do_ckpt:
-                ckpt.save(step, state, data_iter, {"wall_time_s": row["wall_time_s"]})
+                ckpt.save(step, state, data_iter, {"wall_time_s": row["wall_time_s"],
+                                                   "data_shards": data_shards})
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s'] or 0:.3g}")
             pending, interval_start, interval_steps = [], time.perf_counter(), 0
     bar.close()

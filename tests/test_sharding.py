@@ -46,11 +46,17 @@ def _losses(out: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def single_losses(tmp_path_factory):
-    """Per-step losses of `tiny` trained on one device (the default mesh), through the CLI."""
+def single_run(tmp_path_factory) -> Path:
+    """`tiny` trained on one device (the default mesh) through the CLI: its output directory."""
     out = tmp_path_factory.mktemp("single")
     assert cli_main(_train_args(out)) == 0
-    return _losses(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_losses(single_run):
+    """Per-step losses of the one-device run."""
+    return _losses(single_run)
 
 
 # --- specs derived from names -------------------------------------------------------------------------
@@ -106,7 +112,7 @@ def test_state_shardings_follow_the_rules(layout_name):
 def test_mamba_specs_and_sharded_gradients_equal_unsharded():
     cfg = jscale.presets.get("mamba-tiny").override(
         {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "train.batch_size": 4,
-         "train.seq_len": 32})
+         "train.seq_len": 32, "model.d_model": 64, "model.n_layers": 1})
     layout = make_layout(cfg)
     params = jscale.models.init(jax.random.PRNGKey(0), cfg.model)
     specs = _by_name(sharding.tree_specs(params, layout.mesh))
@@ -155,6 +161,21 @@ def test_cli_training_on_a_mesh_matches_one_device(layout_name, single_losses, t
     np.testing.assert_allclose(_losses(tmp_path), single_losses, **SHARDED_VS_SINGLE_LOSS)
     assert json.loads((tmp_path / "config.json").read_text())["mesh"]["tensor"] == (
         2 if "tensor" in layout_name else 1)
+
+
+def test_a_run_resumes_on_another_mesh(single_run, single_losses, tmp_path):
+    """The one-device run's step-6 checkpoint, resumed on fsdp=8: restored onto the new shardings,
+    the remaining steps give the one-device losses; config.json records the new mesh."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(single_run, run)
+    shutil.rmtree(run / "checkpoints" / "12")
+    (run / "summary.json").unlink()
+    assert cli_main(_train_args(run, "mesh.fsdp=8")) == 0
+    np.testing.assert_allclose(_losses(run), single_losses, **SHARDED_VS_SINGLE_LOSS)
+    assert json.loads((run / "config.json").read_text())["mesh"]["fsdp"] == 8
+    with pytest.raises(ConfigError, match="holds a run with a different config"):
+        jscale.train.train(_tiny("mesh.fsdp=8", "optim.lr=1e-2"), run, quiet=True)
 
 
 def _two_processes(out: Path, port: int) -> None:
