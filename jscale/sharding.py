@@ -189,9 +189,11 @@ def is_single_device(mesh_cfg: MeshConfig) -> bool:
     return all(getattr(mesh_cfg, a) == 1 for a in MESH_ORDER)
 
 
-def make_mesh(mesh_cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    """The ``jax.sharding.Mesh`` for ``mesh_cfg`` over ``devices`` (default: all devices, across every
-    process), axes in :data:`MESH_ORDER`, all of type ``Auto`` (see the module docstring)."""
+def make_mesh(cfg: MeshConfig | RunConfig, devices: list | None = None) -> Mesh:
+    """The ``jax.sharding.Mesh`` for ``cfg`` (a ``MeshConfig``, or a ``RunConfig``'s ``mesh``) over
+    ``devices`` (default: all devices, across every process), axes in :data:`MESH_ORDER`, all of
+    type ``Auto`` (see the module docstring)."""
+    mesh_cfg = cfg.mesh if isinstance(cfg, RunConfig) else cfg
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_sizes(mesh_cfg, len(devices))
     return jax.make_mesh(tuple(sizes[a] for a in MESH_ORDER), MESH_ORDER,

@@ -249,7 +249,7 @@ def test_two_minus_ones_and_partial_distributed_flags_are_rejected():
 
 
 def test_minus_one_fills_the_remaining_devices():
-    mesh = sharding.make_mesh(_tiny("mesh.data=2", "mesh.fsdp=-1").mesh)
+    mesh = sharding.make_mesh(_tiny("mesh.data=2", "mesh.fsdp=-1"))
     assert dict(mesh.shape) == {"runs": 1, "data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
