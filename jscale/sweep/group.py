@@ -207,8 +207,13 @@ def run_group(members: list[RunConfig], programs: Programs, corpus: data_lib.Cor
         return jax.tree.map(lambda a: sharding_lib.put_global(a, sharding), x)
 
     state, alive = programs.init(put(_member_data(members)))
+    # Multi-process: a process reads only the data of the members its devices hold (the others'
+    # rows of the host batch stay zeros and are never transferred).
+    local = (np.ones(R, bool) if layout is None else
+             _held_members(layout.sharding(P("runs")), R))
     iters = [iter(data_lib.train_dataset(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
-                                         seed=m.train.seed)) for m in members]
+                                         seed=m.train.seed)) if held else None
+             for m, held in zip(members, local, strict=True)]
     evals = data_lib.eval_batches(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
                                   n_batches=tc.eval_batches)
     if layout is not None:
@@ -221,12 +226,12 @@ def run_group(members: list[RunConfig], programs: Programs, corpus: data_lib.Cor
     pending: list[tuple[int, Any]] = []
     for step in range(1, int(steps.max()) + 1):
         active = steps >= step
-        for r in range(R):
-            if active[r] and logs[r].running:
+        for r in np.flatnonzero(local):
+            if (active[r] and logs[r].running) or last_batch[r] is None:
                 last_batch[r] = next(iters[r])
-            elif last_batch[r] is None:
-                last_batch[r] = next(iters[r])
-        batch = {k: np.stack([b[k] for b in last_batch]) for k in last_batch[0]}
+        template = next(b for b in last_batch if b is not None)
+        batch = {k: np.stack([template[k] * 0 if b is None else b[k] for b in last_batch])
+                 for k in template}
         batch = batch if layout is None else put(batch, batch_sharding)
         state, alive, metrics = programs.step(state, alive, batch, put(active))
         pending.append((step, metrics))
@@ -249,6 +254,14 @@ def run_group(members: list[RunConfig], programs: Programs, corpus: data_lib.Cor
                             ev, row_due)
         pending = []
     return logs[:real], time.perf_counter() - t0
+
+
+def _held_members(sharding, R: int) -> np.ndarray:
+    """``[R]`` bool: which members' slices of a run-sharded array live on this process's devices."""
+    held = np.zeros(R, bool)
+    for idx in sharding.addressable_devices_indices_map((R,)).values():
+        held[idx[0] if idx else slice(None)] = True
+    return held
 
 
 def make_layout(cfg: RunConfig) -> sharding_lib.Layout | None:
