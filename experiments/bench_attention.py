@@ -20,23 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from bench_train import median_time  # experiments/ is on sys.path when a script runs
 
 from pallas_kernels.flash_attention import attention_reference, flash_attention
-
-
-def _median_time(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def _peak_bytes(compiled) -> int | None:
@@ -69,8 +58,8 @@ def _measure(attn, args, causal: bool, repeats: int) -> dict:
     try:
         compiled = fwd_bwd.lower(q, k, v, do).compile()
         result["peak_bytes"] = _peak_bytes(compiled)
-        result["fwd_s"] = _median_time(fwd, (q, k, v), repeats)
-        result["fwd_bwd_s"] = _median_time(compiled, (q, k, v, do), repeats)
+        result["fwd_s"] = median_time(fwd, q, k, v, repeats=repeats)
+        result["fwd_bwd_s"] = median_time(compiled, q, k, v, do, repeats=repeats)
         result["outputs"] = compiled(q, k, v, do)
     except Exception as e:  # noqa: BLE001 — a baseline out of memory is a result, not a crash
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_train import median_time  # experiments/ is on sys.path when a script runs
 
 from pallas_kernels.selective_scan import kernel as scan_kernel
 from pallas_kernels.selective_scan import selective_scan, selective_scan_chunked, selective_scan_ref
@@ -56,16 +56,6 @@ def _fn(impl: str, backward: bool):
     return jax.jit(jax.grad(lambda x: jnp.sum(run(x).astype(jnp.float32))))
 
 
-def _time(fn, x, repeats):
-    jax.block_until_ready(fn(x))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def _kernel_bytes(b, t, d, n, itemsize, backward):
     """Minimal HBM traffic of the kernel(s): inputs read once, outputs written once."""
     backend = {"gpu": "mosaic_gpu", "tpu": "tpu"}.get(jax.default_backend(), "interpret")
@@ -97,7 +87,7 @@ def main(argv=None):
     for t in args.T:
         x = _inputs(args.B, t, args.D, args.N, dtype)
         for backward in (False, True):
-            times = {impl: _time(_fn(impl, backward), x, args.repeats)
+            times = {impl: median_time(_fn(impl, backward), x, repeats=args.repeats)
                      for impl in ("kernel", "reference", "associative")
                      if not (impl == "reference" and args.skip_reference)}
             nbytes = _kernel_bytes(args.B, t, args.D, args.N, dtype.itemsize, backward)

@@ -23,7 +23,9 @@ from jscale.config import parse_overrides
 from jscale.train import init_state, make_train_step
 
 
-def _best_time(fn, *args, repeats: int) -> float:
+def median_time(fn, *args, repeats: int) -> float:
+    """Median seconds of ``fn(*args)`` over ``repeats`` calls, after one call to compile and warm up.
+    Shared by the benchmarks (``experiments/`` is on ``sys.path`` when a script runs)."""
     jax.block_until_ready(fn(*args))  # compile + warm up
     times = []
     for _ in range(repeats):
@@ -48,7 +50,7 @@ def matmul_peak(dtype: str, n: int, repeats: int = 5) -> float:
     """FLOP/s of an ``n×n @ n×n`` ``jnp.dot`` in ``dtype`` (median of ``repeats``)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.dtype(dtype))
-    return 2 * n**3 / _best_time(jax.jit(jnp.dot), a, b, repeats=repeats)
+    return 2 * n**3 / median_time(jax.jit(jnp.dot), a, b, repeats=repeats)
 
 
 def main() -> None:

@@ -122,6 +122,13 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _add_opt_interval(row: dict[str, Any], boot, i: int) -> str:
+    """Add budget ``i``'s bootstrap intervals of N_opt and D_opt to ``row``; return the table text."""
+    row["N_opt_interval"] = boot.N_opt[i].tolist()
+    row["D_opt_interval"] = boot.D_opt[i].tolist()
+    return f"   [{boot.N_opt[i][0]:9.3g}, {boot.N_opt[i][1]:9.3g}]"
+
+
 def _echo_params(result, boot, echo) -> None:
     echo(f"{result.law.formula}   (Huber δ={result.delta:g} on log loss; {result.n_points} runs, "
          f"{result.n_converged}/{result.n_starts} starts at the best objective "
@@ -153,12 +160,7 @@ def _chinchilla(runs, out, budgets, n_boot, seed, ci, echo, plots) -> dict[str, 
         N, D = float(result.N_opt(C)), float(result.D_opt(C))
         row = {"C": float(C), "N_opt": N, "D_opt": D}
         line = f"  {C:10.3g} {N:10.3g} {D:10.3g}"
-        if boot is not None:
-            row["N_opt_interval"] = boot.N_opt[i].tolist()
-            row["D_opt_interval"] = boot.D_opt[i].tolist()
-            line += f"   [{boot.N_opt[i][0]:9.3g}, {boot.N_opt[i][1]:9.3g}]"
-        else:
-            line += " " * 26
+        line += _add_opt_interval(row, boot, i) if boot is not None else " " * 26
         if fpt:
             row["N_opt_numeric"], row["D_opt_numeric"] = float(N_num[i]), float(D_num[i])
             line += f" {N_num[i]:10.3g} {D_num[i]:10.3g}"
@@ -218,9 +220,7 @@ def _isoflop(runs, out, budgets, n_boot, seed, ci, echo, plots) -> dict[str, Any
         row = {"C": float(C), "N_opt": float(iso.N_opt(C)), "D_opt": float(iso.D_opt(C))}
         line = f"  {C:10.3g} {row['N_opt']:10.3g} {row['D_opt']:10.3g}"
         if boot is not None:
-            row["N_opt_interval"] = boot.N_opt[i].tolist()
-            row["D_opt_interval"] = boot.D_opt[i].tolist()
-            line += f"   [{boot.N_opt[i][0]:9.3g}, {boot.N_opt[i][1]:9.3g}]"
+            line += _add_opt_interval(row, boot, i)
         table.append(row)
         echo(line)
     res: dict[str, Any] = {"fit": iso.to_dict(), "compute_optimal": table}

@@ -199,23 +199,24 @@ def run_group(members: list[RunConfig], programs: Programs, corpus: data_lib.Cor
         members = members + [members[0]] * (-real % layout.axis_sizes["runs"])
     R, tc = len(members), members[0].train
 
-    def put(x, spec=P("runs")):  # noqa: B008 — a constant spec
+    runs_sharding = None if layout is None else layout.sharding(P("runs"))
+
+    def put(x, sharding=None):
         # Every process holds the whole host array; each device takes its slice.
         if layout is None:
             return x
-        sharding = layout.sharding(spec) if isinstance(spec, P) else spec
-        return jax.tree.map(lambda a: sharding_lib.put_global(a, sharding), x)
+        return jax.tree.map(lambda a: sharding_lib.put_global(a, sharding or runs_sharding), x)
 
     state, alive = programs.init(put(_member_data(members)))
     # Multi-process: a process reads only the data of the members its devices hold (the others'
     # rows of the host batch stay zeros and are never transferred).
-    local = (np.ones(R, bool) if layout is None else
-             _held_members(layout.sharding(P("runs")), R))
+    local = np.ones(R, bool) if layout is None else _held_members(runs_sharding, R)
     iters = [iter(data_lib.train_dataset(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
                                          seed=m.train.seed)) if held else None
              for m, held in zip(members, local, strict=True)]
     evals = data_lib.eval_batches(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
                                   n_batches=tc.eval_batches)
+    batch_sharding = None
     if layout is not None:
         evals = [put(b, layout.batch_sharding()) for b in evals]
         batch_sharding = layout.batch_sharding(runs_axis=True)
@@ -232,7 +233,7 @@ def run_group(members: list[RunConfig], programs: Programs, corpus: data_lib.Cor
         template = next(b for b in last_batch if b is not None)
         batch = {k: np.stack([template[k] * 0 if b is None else b[k] for b in last_batch])
                  for k in template}
-        batch = batch if layout is None else put(batch, batch_sharding)
+        batch = put(batch, batch_sharding)
         state, alive, metrics = programs.step(state, alive, batch, put(active))
         pending.append((step, metrics))
         dues = [_due(m, step) if active[r] else (False, False) for r, m in enumerate(members)]

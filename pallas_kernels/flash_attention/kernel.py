@@ -219,6 +219,18 @@ def _unpack(refs, n_in: int, spec: Spec):
 # loop schedule (variant "gpu"): [B, T, H, K]; grid (B, H, nq) / (B, G, nk)
 
 
+def _kv_block(j, k_ref, v_ref, kvseg_ref, q0, bq: int, bk: int, q_seg, masked: bool, spec: Spec):
+    """The ``j``-th K/V block of the loop schedule and, on blocks that need one (``masked``), its
+    causal/segment mask against the query block starting at ``q0``."""
+    k0 = pl.multiple_of(j * bk, bk)
+    k_BK, v_BK = k_ref[pl.ds(k0, bk), :], v_ref[pl.ds(k0, bk), :]
+    mask = None
+    if masked:
+        kv_seg = kvseg_ref[:, pl.ds(k0, bk)] if spec.segments else None
+        mask = _block_mask(q0, k0, bq, bk, q_seg, kv_seg, spec)
+    return k_BK, v_BK, mask
+
+
 def _fwd_loop_kernel(*refs, spec: Spec):
     (q_ref, k_ref, v_ref, qseg_ref, kvseg_ref), (o_ref, lse_ref) = _unpack(refs, 3, spec)
     bq, bk = spec.block_q, spec.block_k
@@ -227,12 +239,8 @@ def _fwd_loop_kernel(*refs, spec: Spec):
     q_seg = qseg_ref[...] if spec.segments else None
 
     def body(j, carry, masked):
-        k0 = pl.multiple_of(j * bk, bk)
-        k_BK, v_BK = k_ref[pl.ds(k0, bk), :], v_ref[pl.ds(k0, bk), :]
-        mask = None
-        if masked:
-            kv_seg = kvseg_ref[:, pl.ds(k0, bk)] if spec.segments else None
-            mask = _block_mask(i * bq, k0, bq, bk, q_seg, kv_seg, spec)
+        k_BK, v_BK, mask = _kv_block(j, k_ref, v_ref, kvseg_ref, i * bq, bq, bk, q_seg, masked,
+                                     spec)
         return _fwd_step(carry, q_QK, k_BK, v_BK, mask, spec.scale)
 
     n_full, n_end = _kv_range(i, bq, bk, spec)
@@ -253,12 +261,8 @@ def _dq_loop_kernel(*refs, spec: Spec):
     q_seg = qseg_ref[...] if spec.segments else None
 
     def body(j, dq_QK, masked):
-        k0 = pl.multiple_of(j * bk, bk)
-        k_BK, v_BK = k_ref[pl.ds(k0, bk), :], v_ref[pl.ds(k0, bk), :]
-        mask = None
-        if masked:
-            kv_seg = kvseg_ref[:, pl.ds(k0, bk)] if spec.segments else None
-            mask = _block_mask(i * bq, k0, bq, bk, q_seg, kv_seg, spec)
+        k_BK, v_BK, mask = _kv_block(j, k_ref, v_ref, kvseg_ref, i * bq, bq, bk, q_seg, masked,
+                                     spec)
         _, ds_QB = _bwd_step(q_QK, k_BK, v_BK, do_QK, lse, delta, mask, spec.scale)
         return dq_QK + _dot(ds_QB.astype(k_BK.dtype), k_BK, (1, 0))
 
