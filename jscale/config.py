@@ -11,6 +11,7 @@ keys (``{"optim.lr": 1e-3}``) and coerces strings (``"1e-3"``) to the field's de
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -18,6 +19,10 @@ from typing import Any, Literal
 
 #: Byte-level tokenizer: 256 byte values plus one end-of-document token (id 256).
 BYTE_VOCAB_SIZE = 257
+#: Default divergence threshold: this many times ln(V), the loss of a uniform prediction.
+DIVERGENCE_FACTOR = 3.0
+#: Runs planned for more epochs than this train with a warning (see ``DataConfig.max_epochs``).
+EPOCHS_WARN = 4.0
 
 
 class ConfigError(ValueError):
@@ -59,6 +64,12 @@ class DataConfig:
         validation split; the rest train.
       cache_dir: where trained BPE tokenizers and tokenized corpora are cached (default
         ``$JSCALE_CACHE`` or ``~/.cache/jscale``).
+      max_epochs: the most passes over the training split a run may make (``epochs`` = tokens seen /
+        training tokens available, recorded in every summary and sweep row). A run planned beyond it
+        is refused before it trains; beyond ``EPOCHS_WARN`` (4, where Muennighoff et al. 2023 find
+        repeated tokens start to be worth less than fresh ones) it trains with a warning. Laws fitted
+        on heavily repeated data are not compute-optimal laws: raise this only knowingly (``inf``
+        disables the check).
     """
 
     path: str | None = None
@@ -66,10 +77,12 @@ class DataConfig:
     tokenizer: Literal["byte", "bpe"] = "byte"
     val_every: int = 10
     cache_dir: str | None = None
+    max_epochs: float = 16.0
 
     def __post_init__(self):
         check(self.val_every >= 2, "data.val_every", "must be >= 2 (one document in val_every "
               "goes to validation)", self.val_every)
+        check(self.max_epochs > 0, "data.max_epochs", "must be > 0", self.max_epochs)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -88,7 +101,10 @@ class OptimConfig:
       decay_fraction: fraction of all steps spent in the wsd decay phase.
       grad_clip: clip the global gradient norm to this value; 0 disables clipping.
       b1, b2, eps: Adam moments' decay rates and epsilon.
-      decay_embeddings: apply weight decay to the embedding table too.
+      decay_embeddings: apply weight decay to the embedding table too (a tied LM head is the
+        embedding table, so it follows this flag).
+      decay_head: apply weight decay to the untied LM head (``head.w_DV``, models with
+        ``tie_embeddings=False``); off by default, like the embedding it mirrors.
     """
 
     lr: float = 3e-3
@@ -102,6 +118,7 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     decay_embeddings: bool = False
+    decay_head: bool = False
 
     def __post_init__(self):
         _positive(self, "optim", "lr", "eps")
@@ -127,11 +144,19 @@ class TrainConfig:
       log_every: write a row to ``metrics.jsonl`` every this many steps (and at the last step).
       eval_every: evaluate on the validation split every this many steps (and at the end); 0 = only at
         the end.
-      eval_batches: validation batches per evaluation (the same batches every time).
+      eval_batches: validation batches per evaluation: ``eval_batches × batch_size`` windows of
+        ``seq_len`` tokens spread evenly over the whole validation split (the same windows for every
+        run and every evaluation; all of them when the split has fewer). Summaries report the
+        tokens covered as ``eval_tokens``.
       checkpoint_every: save a checkpoint every this many steps (and at the end); 0 = only at the end.
       keep_checkpoints: how many recent checkpoints to keep.
       flops_budget: the training-FLOP budget this run was sized for (set by
         :func:`jscale.sweep.isoflop`; recorded in results, changes nothing in training).
+      divergence_loss: a training loss above this (or NaN/inf) means the run diverged: it stops (a
+        sweep member is frozen at its last healthy state) and is reported ``diverged``. ``None``
+        (default) is ``DIVERGENCE_FACTOR × ln(model.vocab_size)`` — three times the loss of predicting
+        every token uniformly (16.6 nats for the 257-token byte vocabulary), a loss no training run
+        reaches but a blown-up one does at once; ``inf`` counts only NaN/inf.
     """
 
     steps: int = 100
@@ -144,10 +169,14 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     flops_budget: float | None = None
+    divergence_loss: float | None = None
 
     def __post_init__(self):
         _positive(self, "train", "steps", "batch_size", "seq_len", "log_every", "eval_batches",
                   "keep_checkpoints")
+        if self.divergence_loss is not None:
+            check(self.divergence_loss > 0, "train.divergence_loss", "must be > 0 (or None for "
+                  "3·ln V)", self.divergence_loss)
         _non_negative(self, "train", "eval_every", "checkpoint_every", "seed")
 
 
@@ -226,6 +255,14 @@ class RunConfig:
             check(self.model.vocab_size == BYTE_VOCAB_SIZE, "model.vocab_size",
                   f"must equal the byte tokenizer's vocabulary ({BYTE_VOCAB_SIZE} = 256 bytes + EOS) "
                   "when data.tokenizer='byte'", self.model.vocab_size)
+
+    @property
+    def divergence_threshold(self) -> float:
+        """The training loss above which the run counts as diverged (``train.divergence_loss``, or
+        ``DIVERGENCE_FACTOR · ln(model.vocab_size)``)."""
+        if self.train.divergence_loss is not None:
+            return float(self.train.divergence_loss)
+        return DIVERGENCE_FACTOR * math.log(self.model.vocab_size)
 
     # -- dotted-key access ---------------------------------------------------------------------------
     def flat(self) -> dict[str, Any]:

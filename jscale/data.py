@@ -237,19 +237,44 @@ def train_dataset(corpus: Corpus, *, seq_len: int, batch_size: int, seed: int,
     return ds.batch(batch_size, drop_remainder=True).to_iter_dataset(_READ_OPTIONS)
 
 
+def eval_windows(n_available: int, n_wanted: int) -> np.ndarray:
+    """Indices of the validation windows an evaluation uses: ``n_wanted`` spread evenly over all
+    ``n_available`` (window ``floor((i + ½)·n_available / n_wanted)``, so the first and last parts of
+    the split are covered alike), or every window, in order and wrapping around, when there are no
+    more than ``n_wanted``."""
+    if n_wanted <= n_available:
+        return ((2 * np.arange(n_wanted) + 1) * n_available) // (2 * n_wanted)
+    return np.arange(n_wanted) % n_available
+
+
 def eval_batches(corpus: Corpus, *, seq_len: int, batch_size: int,
                  n_batches: int) -> list[dict[str, np.ndarray]]:
-    """The first ``n_batches * batch_size`` validation windows in order (wrapping around if there
-    are fewer), as ``n_batches`` dicts of ``[B, T]`` int32 arrays. The same batches every call."""
+    """``n_batches * batch_size`` validation windows spread evenly over the whole validation split
+    (:func:`eval_windows`), as ``n_batches`` dicts of ``[B, T]`` int32 arrays. The same batches every
+    call, for every run of the same data and ``seq_len``; :func:`eval_tokens` says how many distinct
+    validation tokens they cover."""
     source = WindowSource(corpus.val_tokens, seq_len, corpus.tokenizer.eos_id)
     if len(source) == 0:
         raise DataError(f"data.val_every: the validation split has no window of train.seq_len + 1 "
                         f"= {seq_len + 1} tokens")
-    index_B = np.arange(n_batches * batch_size) % len(source)
+    index_B = eval_windows(len(source), n_batches * batch_size)
     starts_BT1 = (index_B * seq_len)[:, None] + np.arange(seq_len + 1)
     packed = pack(corpus.val_tokens[starts_BT1], corpus.tokenizer.eos_id)
     return [{k: v[i * batch_size:(i + 1) * batch_size] for k, v in packed.items()}
             for i in range(n_batches)]
+
+
+def eval_tokens(corpus: Corpus, *, seq_len: int, batch_size: int, n_batches: int) -> int:
+    """Distinct validation tokens (predicted targets) one evaluation by :func:`eval_batches`
+    covers."""
+    n_available = max(len(corpus.val_tokens) - 1, 0) // seq_len
+    return min(n_available, n_batches * batch_size) * seq_len
+
+
+def epochs(corpus: Corpus, tokens: int) -> float:
+    """Passes over the training split that ``tokens`` training tokens make (tokens seen / training
+    tokens available)."""
+    return tokens / max(len(corpus.train_tokens), 1)
 
 
 # -- reading documents -----------------------------------------------------------------------------

@@ -13,9 +13,12 @@ Output directory layout (``out_dir``):
   uninterrupted run exactly (bitwise on CPU).
 * Only process 0 writes these files; on a mesh (``cfg.mesh``, see :mod:`jscale.sharding`) every
   process trains its share and takes part in the checkpoints.
-* ``summary.json`` — written at the end: ``final_train_loss`` (mean ``loss`` of the last
-  ``FINAL_LOSS_ROWS`` rows of ``metrics.jsonl``), ``final_eval_loss``, parameter counts, FLOPs,
-  ``wall_time_s`` and ``diverged`` (with ``diverged_step``, the first step whose loss was NaN/inf).
+* ``summary.json`` — written at the end: ``final_train_loss`` (mean training loss of the last
+  ``FINAL_LOSS_STEPS`` optimizer steps — steps, not logged rows — or of every step of a shorter
+  run), ``final_eval_loss`` (on ``eval_tokens`` validation tokens spread over the whole validation
+  split), parameter counts, FLOPs, ``epochs`` (tokens seen / training tokens available),
+  ``wall_time_s`` and ``diverged`` (with ``diverged_step``, the first step whose loss was NaN/inf or
+  above ``RunConfig.divergence_threshold``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import json
 import os
 import sys
 import time
+import warnings
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +43,40 @@ from jscale import data as data_lib
 from jscale import models, optim
 from jscale import sharding as sharding_lib
 from jscale.checkpoint import Checkpointer
-from jscale.config import ConfigError, RunConfig
+from jscale.config import EPOCHS_WARN, ConfigError, RunConfig
 
 Array = jax.Array
 
-#: ``summary.json``'s ``final_train_loss`` is the mean ``loss`` of this many last metrics rows.
-FINAL_LOSS_ROWS = 5
+#: ``final_train_loss`` is the mean training loss of this many final optimizer steps (every step of
+#: a shorter run): a fixed window, whatever ``log_every`` is.
+FINAL_LOSS_STEPS = 10
+
+
+def healthy(loss, threshold: float):
+    """Whether a training loss (array or scalar) is finite and not above the divergence
+    ``threshold`` (``RunConfig.divergence_threshold``), compared in float32 — the losses' dtype — so
+    the host check and the sweep's in-program check agree; numpy and traced values alike."""
+    xp = jnp if isinstance(loss, jax.Array) else np
+    loss = xp.asarray(loss, xp.float32)
+    return xp.isfinite(loss) & (loss <= xp.float32(threshold))
+
+
+def check_epochs(cfg: RunConfig, corpus: data_lib.Corpus, *, warn: bool = True) -> float:
+    """Epochs the whole of ``cfg``'s run makes over ``corpus``'s training split; raise
+    :class:`ConfigError` above ``data.max_epochs``, warn above ``EPOCHS_WARN`` (if ``warn``)."""
+    tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
+    n = data_lib.epochs(corpus, tokens)
+    what = (f"{tokens:,} training tokens over a training split of {len(corpus.train_tokens):,} "
+            f"tokens is {n:.3g} epochs")
+    if n > cfg.data.max_epochs:
+        raise ConfigError(f"data.max_epochs: {what}, above the limit of {cfg.data.max_epochs:g}; "
+                          "use a larger corpus (data.path), fewer steps, or raise data.max_epochs "
+                          "if repeated data is what you mean to study")
+    if warn and n > EPOCHS_WARN:
+        warnings.warn(f"jscale: {what} (> {EPOCHS_WARN:g}: repeated tokens are worth less than "
+                      "fresh ones; a law fitted on such runs is not a compute-optimal one)",
+                      stacklevel=2)
+    return n
 
 
 @flax.struct.dataclass
@@ -208,8 +241,12 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
 
     tc = cfg.train
     corpus = data_lib.load_corpus(cfg.data, cfg.model.vocab_size, tc.seq_len)
+    check_epochs(cfg, corpus)
     eval_data = data_lib.eval_batches(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
                                       n_batches=tc.eval_batches)
+    n_eval_tokens = data_lib.eval_tokens(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
+                                         n_batches=tc.eval_batches)
+    threshold = cfg.divergence_threshold
     optimizer = optim.make_optimizer(cfg.optim, tc.steps)
     step_fn = make_train_step(cfg, optimizer, layout)
     state = make_init_state(cfg, optimizer, layout)()
@@ -234,6 +271,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
 
     ckpt = Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints)
     start, prior_wall = 0, 0.0
+    recent = deque(maxlen=FINAL_LOSS_STEPS)  # the last steps' training losses
     if (latest := ckpt.latest_step()) is not None:
         saved_shards = ckpt.read_meta(latest).get("data_shards", 1)
         if saved_shards != data_shards:
@@ -243,6 +281,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
                               "the batch")
         state, meta = ckpt.restore(latest, state, data_iter)
         start, prior_wall = latest, float(meta["wall_time_s"])
+        recent.extend(meta.get("recent_losses", []))
     metrics_path = out / "metrics.jsonl"
     rows = [r for r in _read_rows(metrics_path) if r["step"] <= start]
     if primary:
@@ -285,9 +324,11 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
                 continue
             host = jax.device_get(pending)
             losses = np.array([h["loss"] for h in host], np.float64)
-            if not np.all(np.isfinite(losses)):
-                diverged_step = step - len(host) + int(np.argmin(np.isfinite(losses)))
+            ok = healthy(losses, threshold)
+            if not np.all(ok):
+                diverged_step = step - len(host) + 1 + int(np.argmin(ok))
                 break
+            recent.extend(losses.tolist())
             now = time.perf_counter()
             row = {"step": step, "loss": float(losses.mean()), "lr": float(host[-1]["lr"]),
                    "grad_norm": float(host[-1]["grad_norm"]), "tokens": step * tokens_per_step,
@@ -302,7 +343,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
             rows.append(row)
             if do_ckpt:
                 ckpt.save(step, state, data_iter, {"wall_time_s": row["wall_time_s"],
-                                                   "data_shards": data_shards})
+                                                   "data_shards": data_shards,
+                                                   "recent_losses": list(recent)})
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s'] or 0:.3g}")
             pending, interval_start, interval_steps = [], time.perf_counter(), 0
     bar.close()
@@ -311,13 +353,14 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
     counts = models.count_params(cfg.model)
     fpt = models.flops_per_token(cfg.model, tc.seq_len)["training"]
     steps_done = diverged_step if diverged_step is not None else tc.steps
-    tail = [r["loss"] for r in rows[-FINAL_LOSS_ROWS:]]
     summary = {
-        "final_train_loss": float(np.mean(tail)) if tail else None,
+        "final_train_loss": float(np.mean(recent)) if recent and diverged_step is None else None,
         "final_eval_loss": eval_loss if diverged_step is None else None,
+        "eval_tokens": n_eval_tokens,
         "n_params": counts["total"], "n_params_non_embedding": counts["non_embedding"],
         "flops_per_token": fpt, "steps": steps_done, "tokens": steps_done * tokens_per_step,
         "flops": fpt * steps_done * tokens_per_step,
+        "epochs": data_lib.epochs(corpus, steps_done * tokens_per_step),
         "wall_time_s": prior_wall + time.perf_counter() - t0,
         "diverged": diverged_step is not None, "diverged_step": diverged_step,
     }

@@ -15,7 +15,10 @@ from jscale.data import (
     DataError,
     WindowSource,
     default_corpus_path,
+    epochs,
     eval_batches,
+    eval_tokens,
+    eval_windows,
     load_corpus,
     pack,
     train_dataset,
@@ -201,13 +204,40 @@ def test_epochs_are_permutations_and_shards_disjoint():
         train_dataset(corpus, seq_len=T, batch_size=b, seed=3, shard_index=2, shard_count=2)
 
 
-def test_eval_batches_in_order_and_wrap_around():
+def test_eval_batches_wrap_around_when_the_split_is_small():
     corpus = _synthetic_corpus(5)
     batches = eval_batches(corpus, seq_len=T, batch_size=3, n_batches=3)
     assert len(batches) == 3 and all(v.shape == (3, T) for b in batches for v in b.values())
     starts = [int(x) for b in batches for x in b["inputs"][:, 0]]
     assert starts == [1000 + T * (i % 5) for i in range(9)]
     _assert_same(batches, eval_batches(corpus, seq_len=T, batch_size=3, n_batches=3))
+    assert eval_tokens(corpus, seq_len=T, batch_size=3, n_batches=3) == 5 * T
+
+
+def test_eval_batches_cover_the_whole_validation_split():
+    # 100 windows, 8 evaluated: spread from the first tenth to the last, not the first 8 in order.
+    corpus = _synthetic_corpus(100)
+    batches = eval_batches(corpus, seq_len=T, batch_size=4, n_batches=2)
+    windows = [(int(x) - 1000) // T for b in batches for x in b["inputs"][:, 0]]
+    assert windows == [6, 18, 31, 43, 56, 68, 81, 93]
+    assert len(set(windows)) == 8 and windows[0] < 100 / 8 and windows[-1] >= 100 * 7 / 8
+    assert eval_tokens(corpus, seq_len=T, batch_size=4, n_batches=2) == 8 * T
+
+
+def test_eval_set_of_the_bundled_corpus_spans_every_validation_document():
+    corpus = load_corpus(DataConfig(), BYTE_VOCAB_SIZE, 64)
+    batches = eval_batches(corpus, seq_len=64, batch_size=16, n_batches=8)
+    # which validation document each window starts in
+    doc_of_token = np.cumsum(corpus.val_tokens == corpus.tokenizer.eos_id) - (
+        corpus.val_tokens == corpus.tokenizer.eos_id)
+    starts = [int(i) for i in eval_windows((len(corpus.val_tokens) - 1) // 64, 128) * 64]
+    assert {int(doc_of_token[s]) for s in starts} == set(range(corpus.n_val_docs))
+    assert sum(b["inputs"].shape[0] for b in batches) == 128
+
+
+def test_epochs():
+    corpus = _synthetic_corpus(10)
+    assert epochs(corpus, len(corpus.train_tokens) * 3) == 3.0
 
 
 # -- user data -------------------------------------------------------------------------------------

@@ -81,13 +81,15 @@ def test_cli_run_writes_outputs(reference_run):
     assert rows[-1]["tokens"] == 24 * 4 * 32
     assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
     summary = json.loads((reference_run / "summary.json").read_text())
-    assert summary["final_train_loss"] == pytest.approx(np.mean([r["loss"] for r in rows[-5:]]))
     assert summary["final_eval_loss"] == rows[-1]["eval_loss"]
+    assert summary["eval_tokens"] == 2 * 4 * 32  # eval_batches × batch × seq_len, all distinct
     assert summary["diverged"] is False and summary["tokens"] == 24 * 4 * 32
     cfg = _micro_cfg()
     assert summary["n_params"] == jscale.count_params(cfg.model)["total"]
     assert summary["flops"] == pytest.approx(
         jscale.flops_per_token(cfg.model, 32)["training"] * 24 * 4 * 32)
+    corpus = jscale.data.load_corpus(cfg.data, 257, 32)
+    assert summary["epochs"] == pytest.approx(24 * 4 * 32 / len(corpus.train_tokens))
     assert sorted(os.listdir(reference_run / "checkpoints")) == ["16", "24"]  # keep_checkpoints=2
 
 
@@ -198,6 +200,52 @@ def test_divergence_stops_cleanly(tmp_path):
     summary = train(cfg, tmp_path, quiet=True)
     assert summary["diverged"] is True and 1 <= summary["diverged_step"] <= 4
     assert json.loads((tmp_path / "summary.json").read_text())["diverged"] is True
+
+
+FINITE_BLOWUP = {"optim.lr": 30.0, "train.steps": 6, "train.log_every": 1, "train.eval_every": 0,
+                 "train.checkpoint_every": 0}
+
+
+def test_finite_loss_far_above_uniform_is_divergence(tmp_path):
+    # lr = 30: the loss stays finite but jumps from ~ln 257 to thousands at step 2.
+    summary = train(_micro_cfg(**FINITE_BLOWUP), tmp_path / "default", quiet=True)
+    assert summary["diverged"] is True and summary["diverged_step"] == 2
+    assert summary["final_eval_loss"] is None and summary["final_train_loss"] is None
+    assert _micro_cfg().divergence_threshold == pytest.approx(3 * np.log(257))
+    # the threshold is configurable; inf counts only NaN/inf (the run then goes on, finite)
+    summary = train(_micro_cfg(**FINITE_BLOWUP, **{"train.divergence_loss": float("inf")}),
+                    tmp_path / "inf", quiet=True)
+    assert summary["diverged"] is False and summary["final_train_loss"] > 3 * np.log(257)
+    with pytest.raises(jscale.ConfigError, match="train.divergence_loss"):
+        _micro_cfg(**{"train.divergence_loss": 0.0})
+
+
+def test_final_train_loss_is_the_mean_of_the_last_steps(tmp_path):
+    from jscale.train import FINAL_LOSS_STEPS
+    every = train(_micro_cfg(**{"train.log_every": 1}), tmp_path / "every", quiet=True)
+    losses = [json.loads(line)["loss"] for line in
+              (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 24
+    expected = np.mean(losses[-FINAL_LOSS_STEPS:])
+    assert every["final_train_loss"] == pytest.approx(expected, rel=1e-6)
+    sparse = train(_micro_cfg(**{"train.log_every": 12}), tmp_path / "sparse", quiet=True)
+    assert sparse["final_train_loss"] == pytest.approx(expected, rel=1e-6)  # not the rows' mean
+
+
+def test_epochs_are_recorded_warned_and_limited(tmp_path):
+    # ~2,500 training tokens: 24 steps × 4 × 32 tokens is 1.2 epochs; 150 steps is 7.6 epochs.
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("\n\n".join(f"document {i}: " + "scaling laws " * 12 for i in range(16)))
+    cfg = _micro_cfg(**{"data.path": str(corpus), "train.eval_every": 0,
+                        "train.checkpoint_every": 0, "train.eval_batches": 1})
+    summary = train(cfg, tmp_path / "a", quiet=True)
+    assert 1 < summary["epochs"] < 4
+    with pytest.warns(UserWarning, match="epochs"):
+        train(cfg.override({"train.steps": 150}), tmp_path / "b", quiet=True)
+    with pytest.raises(jscale.ConfigError, match="data.max_epochs"):
+        train(cfg.override({"train.steps": 150, "data.max_epochs": 6.0}), tmp_path / "c",
+              quiet=True)
+    assert not (tmp_path / "c" / "checkpoints").exists()  # refused before training
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])

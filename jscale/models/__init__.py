@@ -59,7 +59,7 @@ def apply(params: dict[str, Any], tokens_BT: jax.Array, cfg: Any, *,
 
 
 def count_params(cfg: Any) -> dict[str, int]:
-    """Analytic parameter count ``{"total", "non_embedding", "embedding"}``."""
+    """Analytic parameter count ``{"total", "non_embedding", "embedding", "with_head"}``."""
     return family_module(cfg).count_params(cfg)
 
 

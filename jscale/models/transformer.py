@@ -269,7 +269,9 @@ def apply_embedded(params: dict[str, Any], x_BTD: Array, cfg: TransformerConfig,
 
 
 def count_params(cfg: TransformerConfig) -> dict[str, int]:
-    """Analytic parameter count: ``total``, ``embedding`` (the V×D table, plus the untied head) and
+    """Analytic parameter count: ``total``, ``embedding`` (the V×D table, plus the untied head),
+    ``with_head`` (``non_embedding`` plus the V×D output head, tied or not: the N whose FLOPs ``6ND``
+    counts — Porian et al. 2024) and
     ``non_embedding`` (everything else: blocks and the final norm), Kaplan et al.'s N."""
     D, L, H, G, K, F, V = (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.k,
                            cfg.d_ff, cfg.vocab_size)
@@ -279,7 +281,7 @@ def count_params(cfg: TransformerConfig) -> dict[str, int]:
     embedding = V * D * (1 if cfg.tie_embeddings else 2)
     non_embedding = L * per_layer + D
     return {"total": embedding + non_embedding, "non_embedding": non_embedding,
-            "embedding": embedding}
+            "embedding": embedding, "with_head": non_embedding + V * D}
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int, *,

@@ -15,14 +15,17 @@ Two strategies run the same pure member step:
 
 Members with fewer steps than the longest stop updating after their own last step (their state is
 frozen by a mask, the loop goes on for the others) and report metrics at their own last step. A member
-whose loss turns NaN/inf is frozen at its last finite state and reported ``diverged``; masking is per
-member, so the other members compute exactly what they would without it.
+whose loss turns NaN/inf or exceeds the divergence threshold (``RunConfig.divergence_threshold``, the
+same rule as ``jscale train``) is frozen at its last healthy state and reported ``diverged``; masking
+is per member, so the other members compute exactly what they would without it. The loop stops once
+every member has diverged or finished.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -78,6 +81,7 @@ def build_programs(common: RunConfig, strategy: str,
     """Jitted init / step / eval for ``strategy`` ("vmap" or "sequential") on ``common``'s shapes;
     with a ``layout`` (vmap only), sharded over its mesh: R over ``runs``, the rest by the rules."""
     optimizer = optim.make_optimizer(common.optim, common.train.steps)
+    threshold = common.divergence_threshold
     traces: list = []
 
     def init_member(d):
@@ -93,7 +97,7 @@ def build_programs(common: RunConfig, strategy: str,
     def step_member(state, alive, batch, active):
         traces.append(1)
         new, metrics = train_lib.train_step(state, batch, cfg=common, optimizer=optimizer)
-        alive = alive & (jnp.isfinite(metrics["loss"]) | ~active)
+        alive = alive & (train_lib.healthy(metrics["loss"], threshold) | ~active)
         keep_new = active & alive
         state = jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, state)
         return state, alive, metrics
@@ -147,25 +151,34 @@ def _sharded_programs(common: RunConfig, layout: sharding_lib.Layout, init_membe
 
 
 class _MemberLog:
-    """Rows of one member, built like ``train.train``'s ``metrics.jsonl`` rows."""
+    """Rows of one member, built like ``train.train``'s ``metrics.jsonl`` rows, and its last
+    ``FINAL_LOSS_STEPS`` step losses (``final_train_loss``)."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg, self.rows, self.pending = cfg, [], []
         self.eval_losses: list[float] = []
+        self.recent: deque[float] = deque(maxlen=train_lib.FINAL_LOSS_STEPS)
         self.diverged_step: int | None = None
+        self.threshold = cfg.divergence_threshold
 
     @property
     def running(self) -> bool:
         return self.diverged_step is None
 
+    @property
+    def final_train_loss(self) -> float | None:
+        """Mean training loss of the last ``FINAL_LOSS_STEPS`` steps (``None`` if diverged)."""
+        return float(np.mean(self.recent)) if self.recent and self.running else None
+
     def add(self, step: int, loss: float, lr: float, grad_norm: float,
             eval_loss: float | None, row_due: bool) -> None:
         if not self.running:
             return
-        if not np.isfinite(loss):
+        if not train_lib.healthy(loss, self.threshold):
             self.diverged_step = step
             return
         self.pending.append(loss)
+        self.recent.append(loss)
         if row_due or eval_loss is not None:
             tc = self.cfg.train
             row = {"step": step, "loss": float(np.mean(self.pending)), "lr": lr,
@@ -254,6 +267,8 @@ def run_group(members: list[RunConfig], programs: Programs, corpus: data_lib.Cor
                 logs[r].add(s, float(m["loss"][r]), float(m["lr"][r]), float(m["grad_norm"][r]),
                             ev, row_due)
         pending = []
+        if not any(logs[r].running and steps[r] > step for r in range(real)):
+            break  # every member has diverged or finished: nothing left to train
     return logs[:real], time.perf_counter() - t0
 
 
