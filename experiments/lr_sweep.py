@@ -36,13 +36,21 @@ def grid(preset: str) -> list:
     return sweep.product(base, **{"optim.lr": p["lrs"], "train.seed": p["seeds"]})
 
 
+def split(df):
+    """``(ok, diverged, failed)`` rows: finished and healthy, finished but diverged, and failed
+    (never trained: their ``diverged`` is missing, which is not a divergence)."""
+    finished = df["status"] == "ok"
+    diverged = finished & (df["diverged"].eq(True) if "diverged" in df else False)
+    return df[finished & ~diverged], df[diverged], df[~finished]
+
+
 def analyze(df, out_dir: Path) -> None:
     """Plot final eval loss vs learning rate to ``out_dir/lr_sweep.png`` and print the best lr."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = df[(df["status"] == "ok") & ~df["diverged"].astype(bool)]
+    ok, diverged, failed = split(df)
     if ok.empty:
         print("lr_sweep: no finished runs to analyze", file=sys.stderr)
         return
@@ -52,7 +60,6 @@ def analyze(df, out_dir: Path) -> None:
     ax.scatter(ok["optim.lr"], ok["final_eval_loss"], s=14, alpha=0.5, label="one seed")
     ax.plot(by_lr.index, by_lr["mean"], "o-", label="mean over seeds")
     ax.axvline(best_lr, color="gray", ls=":", label=f"best lr {best_lr:.3g}")
-    diverged = df[df["diverged"].astype(bool)]
     for lr in diverged["optim.lr"]:
         ax.axvline(lr, color="red", alpha=0.3)
     ax.set(xscale="log", xlabel="peak learning rate", ylabel="final validation loss (nats/token)",
@@ -64,7 +71,7 @@ def analyze(df, out_dir: Path) -> None:
     plt.close(fig)
     print(by_lr.to_string(float_format=lambda x: f"{x:.4f}"))
     print(f"best lr {best_lr:.3g}: mean final eval loss {by_lr['mean'].min():.4f} "
-          f"({len(diverged)} diverged); plot: {out_dir / 'lr_sweep.png'}")
+          f"({len(diverged)} diverged, {len(failed)} failed); plot: {out_dir / 'lr_sweep.png'}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Optimizers from config: AdamW with warmup + cosine / WSD / constant, clipping and a decay mask.
+"""Optimizers from config: AdamW with warmup + cosine / WSD / constant, clipping and a decay mask
+(matrices decay; norm scales, biases, and by default the embedding and the LM head do not).
 
 The peak learning rate, weight decay, warmup length and schedule length are *injected*
 hyperparameters (``optax.inject_hyperparams``): they live as arrays in the optimizer state, so a sweep
@@ -46,19 +47,27 @@ def schedule_factor(step: Array, *, schedule: str, warmup_steps: Array, total_st
     return jnp.where(step < warmup, warm, after)
 
 
-def decay_mask(params: Any, *, decay_embeddings: bool) -> Any:
-    """``True`` for leaves that get weight decay: matrices (``w_*``), embeddings (``table_*``) only if
-    ``decay_embeddings``; never norm scales (``scale_*``) or biases (``b_*``). Derived from leaf names."""
+#: Top-level parameter key of an untied LM head (``params["head"]["w_DV"]``); a tied head has none.
+HEAD_KEY = "head"
+
+
+def decay_mask(params: Any, *, decay_embeddings: bool, decay_head: bool = False) -> Any:
+    """``True`` for leaves that get weight decay, derived from leaf names: matrices (``w_*``) except
+    the untied LM head (under ``params["head"]``), which decays only if ``decay_head``; embeddings
+    (``table_*``) only if ``decay_embeddings`` — a tied head *is* the embedding table, so it follows
+    that flag; never norm scales (``scale_*``) or biases (``b_*``)."""
 
     def leaf_decays(path, _):
         name = str(path[-1].key)
+        if getattr(path[0], "key", None) == HEAD_KEY:
+            return decay_head and name.startswith("w_")
         return name.startswith("w_") or (decay_embeddings and name.startswith("table_"))
 
     return jax.tree_util.tree_map_with_path(leaf_decays, params)
 
 
 def _adamw(learning_rate, weight_decay, warmup_steps, total_steps, *, schedule, min_lr_ratio,
-           decay_fraction, b1, b2, eps, grad_clip, decay_embeddings):
+           decay_fraction, b1, b2, eps, grad_clip, decay_embeddings, decay_head):
     lr_fn = functools.partial(_lr, peak=learning_rate, schedule=schedule, warmup_steps=warmup_steps,
                               total_steps=total_steps, min_lr_ratio=min_lr_ratio,
                               decay_fraction=decay_fraction)
@@ -66,7 +75,8 @@ def _adamw(learning_rate, weight_decay, warmup_steps, total_steps, *, schedule, 
     return optax.chain(
         clip,
         optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                    mask=functools.partial(decay_mask, decay_embeddings=decay_embeddings)))
+                    mask=functools.partial(decay_mask, decay_embeddings=decay_embeddings,
+                                           decay_head=decay_head)))
 
 
 def _lr(count, *, peak, **schedule_kw):
@@ -78,9 +88,9 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     factory = functools.partial(
         _adamw, schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio,
         decay_fraction=cfg.decay_fraction, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-        grad_clip=cfg.grad_clip, decay_embeddings=cfg.decay_embeddings)
+        grad_clip=cfg.grad_clip, decay_embeddings=cfg.decay_embeddings, decay_head=cfg.decay_head)
     static = ("schedule", "min_lr_ratio", "decay_fraction", "b1", "b2", "eps", "grad_clip",
-              "decay_embeddings")
+              "decay_embeddings", "decay_head")
     return optax.inject_hyperparams(factory, static_args=static)(
         learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         warmup_steps=jnp.asarray(cfg.warmup_steps, jnp.float32),

@@ -151,17 +151,48 @@ def test_results_rows(vmap_df):
     for col in ("run_id", "group_id", "optim.lr", "model.d_model", "n_params",
                 "n_params_non_embedding", "flops_per_token", "tokens", "flops", "budget",
                 "final_train_loss", "final_eval_loss", "min_eval_loss", "diverged", "wall_time_s",
-                "strategy", "device_kind", "jax_version"):
+                "strategy", "device_kind", "jax_version", "epochs", "eval_tokens",
+                "n_params_with_head", "wall_time_is_share"):
         assert col in vmap_df.columns, col
+    assert row["eval_tokens"] == 1 * 4 * 32 and 0 < row["epochs"] < 1e-3
+    assert row["n_params_with_head"] == row["n_params_non_embedding"] + 257 * 32
+    assert row["wall_time_is_share"]  # vmapped: the group's wall time divided among its members
     assert _comparable(sweep.load(out)) == _comparable(vmap_df)
 
 
-def test_divergence_isolated(vmap_df, tmp_path):
-    df = sweep.run(_group_a(lr_of_last=1e30), tmp_path, strategy="vmap", progress=False)
+@pytest.mark.parametrize("bad_lr", [1e30, 30.0], ids=["nan", "finite"])
+def test_divergence_isolated(vmap_df, tmp_path, bad_lr):
+    # lr 1e30 turns the loss NaN; lr 30 keeps it finite but thousands of nats above ln V.
+    df = sweep.run(_group_a(lr_of_last=bad_lr), tmp_path, strategy="vmap", progress=False)
     assert df["diverged"].tolist() == [False, False, False, True]
     assert df["diverged_step"].iloc[3] >= 1 and df["final_eval_loss"].isna().iloc[3]
+    assert df["final_train_loss"].isna().iloc[3]
     for col in ("final_train_loss", "final_eval_loss", "min_eval_loss"):  # bitwise
         assert df[col].iloc[:3].tolist() == vmap_df[col].iloc[:3].tolist()
+
+
+def test_runs_beyond_max_epochs_fail_and_the_others_train(tmp_path):
+    corpus = tmp_path / "small.txt"  # ~2,500 training tokens
+    corpus.write_text("\n\n".join(f"document {i}: " + "scaling laws " * 12 for i in range(16)))
+    base = BASE.override({"data.path": str(corpus), "data.max_epochs": 6.0})
+    df = sweep.run(sweep.product(base, **{"train.steps": [12, 200]}), tmp_path / "out",
+                   strategy="vmap", progress=False)
+    assert df["status"].tolist() == ["ok", "failed"]
+    assert df["epochs"].iloc[0] == pytest.approx(12 * 4 * 32 / 2526, rel=0.01)
+    assert "data.max_epochs" in df["error"].iloc[1] and "10.1 epochs" in df["error"].iloc[1]
+
+
+def test_group_stops_when_every_member_has_diverged(tmp_path, monkeypatch):
+    steps = []
+    original = group_lib._due
+
+    def counting(cfg, step):
+        steps.append(step)
+        return original(cfg, step)
+    monkeypatch.setattr(group_lib, "_due", counting)
+    runs = sweep.product(BASE, **{"optim.lr": [30.0, 60.0]})
+    df = sweep.run(runs, tmp_path, strategy="vmap", progress=False)
+    assert df["diverged"].all() and max(steps) == 4  # the first row (step 4), not all 12 steps
 
 
 def test_failed_runs_are_reported_and_the_sweep_goes_on(tmp_path):
@@ -318,3 +349,183 @@ def test_two_process_sweep_equals_unsharded(vmap_df, tmp_path, free_port):
     assert list(df["status"]) == ["ok"] * 4 and set(df["strategy"]) == {"vmap"}
     for col in ("final_eval_loss", "final_train_loss"):
         np.testing.assert_allclose(df[col], vmap_df[col].iloc[:4], **SWEEP_VMAP_VS_SEQUENTIAL)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue #11: auto decisions keyed on chunk identity, a stable probe kept in the sweep, stale rows,
+# placement-free run ids, isoflop with one size, lr_sweep's failed-vs-diverged.
+
+from jscale.sweep import execute  # noqa: E402
+from jscale.sweep import store as store_lib  # noqa: E402
+
+
+class _Crash(BaseException):
+    """Stands for a kill: not an ``Exception``, so ``sweep.run`` does not record it as a failure."""
+
+
+def _fake_probe(members, *args, **kwargs):
+    """A deterministic stand-in for the timed probe: seed-0 chunks vmap, the others sequential."""
+    choice = "vmap" if members[0].train.seed == 0 else "sequential"
+    return {"choice": choice, "R": len(members), "reason": "fake probe"}
+
+
+@pytest.mark.slow
+def test_auto_resume_trains_each_chunk_with_its_own_decision(tmp_path, monkeypatch):
+    """Kill after chunk 0 of 2 committed, resume: chunk 1 keeps its own (sequential) decision instead
+    of inheriting chunk 0's (vmap), so the resumed table equals the uninterrupted one bitwise."""
+    monkeypatch.setattr(execute, "_probe", _fake_probe)
+    programs = execute._ProgramCache()  # the three sweeps share compiled programs (test speed)
+    monkeypatch.setattr(execute, "_ProgramCache", lambda: programs)
+    runs = sweep.product(BASE, **{"train.seed": [0, 1], "optim.lr": [1e-3, 3e-3]})
+    kw = dict(strategy="auto", max_group_size=2, progress=False)
+    full = sweep.run(runs, tmp_path / "full", **kw)
+    assert full["strategy"].tolist() == ["vmap", "vmap", "sequential", "sequential"]
+
+    commit, commits = store_lib.ResultsStore.commit, []
+
+    def crash_on_second(self, rows):
+        commits.append(len(rows))
+        if len(commits) == 2:
+            raise _Crash
+        return commit(self, rows)
+    with monkeypatch.context() as mp:
+        mp.setattr(store_lib.ResultsStore, "commit", crash_on_second)
+        with pytest.raises(_Crash):
+            sweep.run(runs, tmp_path / "killed", **kw)
+    assert len(sweep.load(tmp_path / "killed")) == 2  # chunk 0 committed, chunk 1 not
+    resumed = sweep.run(runs, tmp_path / "killed", **kw)
+    assert resumed["strategy"].tolist() == full["strategy"].tolist()
+    assert _comparable(resumed) == _comparable(full)
+
+
+def test_decide_strategy_prefers_sequential_within_noise():
+    decide = execute.decide_strategy
+    clear = decide([0.50, 0.52, 0.49, 0.51, 0.50])
+    assert clear["choice"] == "vmap" and clear["ratio"] == 0.50 and clear["verdict"] == "vmap faster"
+    assert clear["spread"] == pytest.approx(0.03 / (2 * 0.50))
+    assert decide([0.98, 1.01, 0.99, 1.02, 0.97])["choice"] == "sequential"  # a tie
+    narrow = decide([0.96] * 5)  # a 4 % win, no measured spread: below the 5 % floor
+    assert narrow["choice"] == "sequential" and narrow["threshold"] == pytest.approx(0.95)
+    assert "within noise" in narrow["verdict"]
+    noisy = decide([0.5, 0.8, 0.82, 0.9, 1.1])  # median 0.82 but ±37 %: not a clear win
+    assert noisy["choice"] == "sequential" and noisy["spread"] == pytest.approx(0.6 / 1.64)
+    assert decide([0.80, 0.82, 0.84])["choice"] == "vmap"  # 18 % faster, ±2.4 %
+    slower = decide([1.5, 1.6, 1.4])
+    assert slower["choice"] == "sequential" and slower["verdict"] == "sequential faster"
+    assert decide([0.5, float("nan"), 0.5])["repeats"] == 2
+    with pytest.raises(ValueError, match="no finite"):
+        decide([])
+    line = execute._describe("sequential", {**noisy, "vmap_s_per_step": 1.0,
+                                            "sequential_s_per_step": 1.2})
+    assert "0.82 ± 0.37 over 5 repeats" in line and "within noise" in line
+
+
+@pytest.mark.slow
+def test_auto_probe_stays_in_the_sweep_unless_global(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("JSCALE_CACHE", str(cache))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("JSCALE_STRATEGY_CACHE", raising=False)
+    programs = execute._ProgramCache()  # the sweeps share compiled programs (test speed)
+    monkeypatch.setattr(execute, "_ProgramCache", lambda: programs)
+    runs = sweep.product(BASE, **{"train.seed": [0, 1]})
+    df = sweep.run(runs, tmp_path / "a", strategy="auto", progress=False)
+    assert list(cache.iterdir()) == [] and not (tmp_path / "home").exists()
+    (probe,) = json.loads((tmp_path / "a" / "strategies.json").read_text()).values()
+    assert probe["repeats"] == execute.PROBE_REPEATS and probe["spread"] >= 0
+    assert probe["choice"] == ("vmap" if probe["ratio"] < probe["threshold"] else "sequential")
+    assert set(df["strategy"]) == {probe["choice"]}
+
+    sweep.run(runs, tmp_path / "b", strategy="auto", progress=False, strategy_cache="global")
+    shared = json.loads((cache / "strategy_probe.json").read_text())
+    assert len(shared) == 1
+    # Opted in by the environment variable, another sweep reuses the shared probe: no probing.
+    monkeypatch.setenv("JSCALE_STRATEGY_CACHE", "global")
+    monkeypatch.setattr(execute, "_probe", lambda *a, **k: pytest.fail("probed again"))
+    sweep.run(runs, tmp_path / "c", strategy="auto", progress=False)
+    (probe_c,) = json.loads((tmp_path / "c" / "strategies.json").read_text()).values()
+    assert probe_c["cached"] and probe_c["ratio"] == next(iter(shared.values()))["ratio"]
+    monkeypatch.setenv("JSCALE_STRATEGY_CACHE", "everywhere")
+    with pytest.raises(ConfigError, match="JSCALE_STRATEGY_CACHE"):
+        sweep.run(runs, tmp_path / "d", strategy="auto", progress=False)
+
+
+def test_rows_of_runs_edited_out_of_the_grid_are_marked(tmp_path):
+    """Invalid grid points (no training) are committed like any run: after an edit of the grid, the
+    rows of runs no longer in it stay in the table, marked ``in_latest_grid == False``."""
+    def grid(heads):
+        return sweep.product(BASE, **{"model.n_heads": heads})  # 32 % 3, 5, 7 != 0: all invalid
+    first = sweep.run(grid([3, 5]), tmp_path, progress=False)
+    assert first["in_latest_grid"].tolist() == [True, True]
+    again = sweep.run(grid([5, 7]), tmp_path, progress=False)
+    assert again["run_id"].tolist() == [sweep.run_id(r) for r in grid([5, 7])]
+    assert again["in_latest_grid"].tolist() == [True, True]
+    df = sweep.load(tmp_path)
+    stale = {sweep.run_id(r): False for r in grid([3])}
+    assert dict(zip(df["run_id"], df["in_latest_grid"], strict=True)) == {
+        **stale, **{sweep.run_id(r): True for r in grid([5, 7])}}
+    assert df["in_latest_grid"].dtype == bool
+    frame = store_lib.ResultsStore(tmp_path).frame()
+    assert frame["in_latest_grid"].tolist() == df["in_latest_grid"].tolist()
+    (tmp_path / "grid.json").unlink()  # a directory written before grid.json existed
+    assert sweep.load(tmp_path)["in_latest_grid"].all()
+
+
+def test_run_id_ignores_where_a_run_runs_and_caches():
+    assert sweep.grid.PLACEMENT_FIELDS == ("mesh", "data.cache_dir")
+    moved = BASE.override({"mesh.runs": 4, "mesh.data": 2, "mesh.fsdp": -1, "mesh.tensor": 1,
+                           "mesh.expert": 1, "data.cache_dir": "/somewhere/else"})
+    assert {k for k in BASE.valid_keys() if k.startswith("mesh.")} <= {
+        "mesh.runs", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.expert"}
+    assert sweep.run_id(moved) == sweep.run_id(BASE)
+    assert sweep.run_id(BASE.override({"optim.lr": 1e-2})) != sweep.run_id(BASE)
+    assert sweep.run_id(BASE.override({"data.val_every": 5})) != sweep.run_id(BASE)
+    bad = sweep.product(BASE, **{"model.n_heads": [3]})[0]
+    bad_moved = sweep.product(moved, **{"model.n_heads": [3], "mesh.runs": [2]})[0]
+    assert isinstance(bad_moved, sweep.InvalidRun) and bad_moved.run_id == bad.run_id
+    # Programs and groups still tell meshes apart: they are keyed on the whole config.
+    sig, sig_moved = group_lib.signature(BASE), group_lib.signature(moved)
+    assert execute._digest(sig.to_dict()) != execute._digest(sig_moved.to_dict())
+
+
+def test_rerun_on_another_mesh_skips_finished_runs(vmap_df, traced, tmp_path):
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(vmap_df.attrs["out"], out)
+    before = len(traced)
+    df = sweep.run([r.override({"mesh.runs": 4, "mesh.data": 2}) for r in _group_a()], out,
+                   strategy="vmap", progress=False)
+    assert len(traced) == before  # nothing retrained, nothing compiled
+    assert _comparable(df) == _comparable(vmap_df.iloc[:4])
+
+
+def test_isoflop_with_one_size_and_none():
+    base = BASE.override({"train.batch_size": 8, "train.seq_len": 64})
+    (run,) = sweep.isoflop(base, [1e12], n_sizes=1)
+    n_star = math.sqrt(1e12 / (6 * 20.0))
+    assert jscale.count_params(run.model)["non_embedding"] == jscale.count_params(
+        sweep.shape_for_params(n_star, base.model))["non_embedding"]
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="n_sizes"):
+            sweep.isoflop(base, [1e12], n_sizes=bad)
+
+
+def test_lr_sweep_analysis_does_not_count_failed_runs_as_diverged(tmp_path, capsys):
+    import pandas as pd
+
+    from jscale.sweep.script import load_script
+    lr_sweep = load_script(Path(__file__).resolve().parents[1] / "experiments" / "lr_sweep.py")
+    common = {"n_params": 1000, "tokens": 5000}
+    df = pd.DataFrame([
+        {"status": "ok", "optim.lr": 1e-3, "final_eval_loss": 2.0, "diverged": False, **common},
+        {"status": "ok", "optim.lr": 3e-3, "final_eval_loss": 1.9, "diverged": False, **common},
+        {"status": "ok", "optim.lr": 1e-1, "final_eval_loss": None, "diverged": True, **common},
+        {"status": "failed", "optim.lr": 3e-2, "error": "data.path: no such file"},
+    ])
+    lr_sweep.analyze(df, tmp_path)
+    assert "(1 diverged, 1 failed)" in capsys.readouterr().out
+    assert (tmp_path / "lr_sweep.png").exists()
+    ok, diverged, failed = lr_sweep.split(df)
+    assert ok["optim.lr"].tolist() == [1e-3, 3e-3]
+    assert diverged["optim.lr"].tolist() == [1e-1] and failed["optim.lr"].tolist() == [3e-2]

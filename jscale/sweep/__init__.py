@@ -1,10 +1,11 @@
 """Sweeps: generate grids in Python, train many runs per compiled program, never lose a result.
 
 * Grids: :func:`product`, :func:`zip_`, :func:`isoflop`, the shape rule :func:`shape_for_params`, and
-  :func:`run_id` (a stable id from the resolved config).
+  :func:`run_id` (a stable id from the resolved config, less where it runs: the mesh, the cache dir).
 * Running: :func:`run` groups runs by shape, trains each group as one ``vmap``-ed program (or one run
-  at a time, or whichever a timed probe finds faster), and writes ``out_dir/results.jsonl``; a rerun
-  skips finished runs. :func:`load` reads the table back.
+  at a time, or ``vmap`` where a timed probe finds it clearly faster), and writes
+  ``out_dir/results.jsonl``; a rerun skips finished runs. :func:`load` reads the table back, with
+  ``in_latest_grid`` marking the runs of the latest grid run into the directory.
 * Scripts: an experiment file defines ``grid(preset)`` and optionally ``analyze(df, out_dir)`` and
   ends with ``jscale.sweep.main(grid, analyze)``; ``jscale sweep FILE --preset P --out DIR`` runs it.
 """

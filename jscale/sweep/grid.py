@@ -34,7 +34,8 @@ class InvalidRun:
     @property
     def run_id(self) -> str:
         """Stable id of (base config, overrides)."""
-        return _digest({"base": self.base.to_dict(), "overrides": [list(kv) for kv in self.overrides]})
+        return _digest({"base": _without_placement(self.base.to_dict()),
+                        "overrides": [list(kv) for kv in self.overrides if not _is_placement(kv[0])]})
 
 
 def _digest(obj: Any) -> str:
@@ -42,12 +43,31 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+#: Config fields that say *where* a run runs or caches, not *what* it computes: :func:`run_id`
+#: ignores them, so a sweep rerun on another mesh (or with another cache directory) skips the runs it
+#: already finished, as ``jscale train`` resumes a run across meshes. An entry is a whole section
+#: (``"mesh"``: every axis) or one dotted field. A sharded run computes the same math as an
+#: unsharded one up to the order of float32 sums (``SHARDED_VS_SINGLE_LOSS`` in the tests).
+PLACEMENT_FIELDS: tuple[str, ...] = ("mesh", "data.cache_dir")
+
+
+def _is_placement(key: str) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in PLACEMENT_FIELDS)
+
+
+def _without_placement(d: dict[str, Any]) -> dict[str, Any]:
+    """A :meth:`RunConfig.to_dict` dict with the :data:`PLACEMENT_FIELDS` removed."""
+    return {section: {k: v for k, v in fields.items() if not _is_placement(f"{section}.{k}")}
+            for section, fields in d.items() if not _is_placement(section)}
+
+
 def run_id(cfg: RunConfig | InvalidRun) -> str:
     """A 12-hex-digit id derived from the resolved config: the same run has the same id in any script
-    or rerun; any field that differs gives a different id."""
+    or rerun; any field that differs gives a different id — except :data:`PLACEMENT_FIELDS` (the
+    mesh, the cache directory), which say where a run runs, not what it computes."""
     if isinstance(cfg, InvalidRun):
         return cfg.run_id
-    return _digest(cfg.to_dict())
+    return _digest(_without_placement(cfg.to_dict()))
 
 
 def _build(base: RunConfig, overrides: Mapping[str, Any]) -> RunConfig | InvalidRun:
@@ -162,11 +182,14 @@ def isoflop(base: RunConfig, budgets: Iterable[float], *, n_params: Sequence[flo
     ``{"model.d_model": 128, "model.n_layers": 2}`` —, ``n_params`` — target non-embedding parameter
     counts turned into shapes by :func:`shape_for_params` —, or, by default, ``n_sizes`` counts spaced
     log-uniformly over a factor ``span`` around the Chinchilla-style optimum ``N* = sqrt(C / (6 ·
-    tokens_per_param))``. A run's ``train.steps`` is ``round(C / (flops_per_token(cfg, T)["training"]
-    · B · T))``; it is kept only if those whole steps spend C within ``rtol`` and number at least
-    ``min_steps`` (sizes too big or too small for a budget are dropped). Each run records its budget
-    in ``train.flops_budget``.
+    tokens_per_param))`` (``n_sizes=1``: N* alone; ``n_sizes < 1`` raises :class:`ConfigError`).
+    A run's ``train.steps`` is ``round(C / (flops_per_token(cfg, T)["training"] · B · T))``; it is
+    kept only if those whole steps spend C within ``rtol`` and number at least ``min_steps`` (sizes
+    too big or too small for a budget are dropped). Each run records its budget in
+    ``train.flops_budget``.
     """
+    if n_sizes < 1:
+        raise ConfigError(f"isoflop: n_sizes must be >= 1 (got {n_sizes})")
     out: list[RunConfig | InvalidRun] = []
     B, T = base.train.batch_size, base.train.seq_len
     for budget in budgets:
@@ -177,7 +200,8 @@ def isoflop(base: RunConfig, budgets: Iterable[float], *, n_params: Sequence[flo
                 targets = list(n_params)
             else:
                 n_star = math.sqrt(budget / (6 * tokens_per_param))
-                targets = [n_star * span ** (i / (n_sizes - 1) - 0.5) for i in range(n_sizes)]
+                targets = ([n_star] if n_sizes == 1 else
+                           [n_star * span ** (i / (n_sizes - 1) - 0.5) for i in range(n_sizes)])
             candidates = []
             for target in targets:
                 shape = shape_for_params(target, base.model)

@@ -35,6 +35,10 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", required=True, help="the script's grid preset (e.g. cpu, gpu)")
     parser.add_argument("--out", required=True, help="sweep output directory (results.jsonl, ...)")
     parser.add_argument("--strategy", default="auto", choices=["auto", "vmap", "sequential"])
+    parser.add_argument("--strategy-cache", default=None, choices=["sweep", "global"],
+                        help="where 'auto' keeps probe results: the sweep's strategies.json only "
+                             "(default; or $JSCALE_STRATEGY_CACHE), or also "
+                             "$JSCALE_CACHE/strategy_probe.json, shared by every sweep")
     parser.add_argument("--max-group-size", type=int, default=None,
                         help="most runs per compiled program (default: what fits in memory)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or group summaries")
@@ -48,7 +52,7 @@ def run_script(grid: Callable, analyze: Callable | None, args: argparse.Namespac
     initialize_from_args(args)
     runs = grid(args.preset)
     df = run(runs, args.out, strategy=args.strategy, max_group_size=args.max_group_size,
-             progress=not args.quiet)
+             progress=not args.quiet, strategy_cache=args.strategy_cache)
     n_failed = int((df["status"] == "failed").sum())
     if not is_primary():
         return 0

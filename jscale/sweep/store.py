@@ -3,6 +3,12 @@
 Rows are committed a whole group at a time by writing a new file and ``os.replace``-ing it over the
 old one, so a crash at any moment leaves either the old table or the new one — never a torn or
 duplicate row — and a resumed sweep recomputes unfinished groups with exactly the members they had.
+
+Rows are never deleted: after a grid is edited, the old runs' rows stay in the table. So the store
+also keeps ``out_dir/grid.json``, the run ids of the grid the latest ``sweep.run`` was given (written
+atomically when it starts), and every frame it returns carries a boolean column ``in_latest_grid``
+(all ``True`` when there is no ``grid.json``, as in a directory written before it existed). Law fits
+leave out the rows where it is ``False`` by default.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import pandas as pd
 
 RESULTS = "results.jsonl"
 CURVES = "curves"
+GRID = "grid.json"
+#: Column of every frame: is the row's run in the grid of the latest ``sweep.run`` call?
+IN_LATEST_GRID = "in_latest_grid"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -41,6 +50,7 @@ class ResultsStore:
             (self.out_dir / CURVES).mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / RESULTS
         self._rows = _read(self.path)
+        self._grid = _read_grid(self.out_dir)
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -64,9 +74,15 @@ class ResultsStore:
         if self.writer:
             _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self._rows))
 
+    def set_grid(self, run_ids: list[str]) -> None:
+        """Record ``run_ids`` as the latest grid (``grid.json``, written atomically)."""
+        self._grid = list(run_ids)
+        if self.writer:
+            _atomic_write_text(self.out_dir / GRID, json.dumps({"run_ids": self._grid}) + "\n")
+
     def frame(self) -> pd.DataFrame:
-        """The table as a DataFrame (one row per run)."""
-        return pd.DataFrame(self._rows)
+        """The table as a DataFrame (one row per run), with the ``in_latest_grid`` column."""
+        return _frame(self._rows, self._grid)
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -75,12 +91,32 @@ def _read(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _read_grid(out_dir: Path) -> list[str] | None:
+    """The run ids in ``out_dir/grid.json``, or ``None`` when there is none."""
+    try:
+        return list(json.loads((out_dir / GRID).read_text())["run_ids"])
+    except FileNotFoundError:
+        return None
+
+
+def _frame(rows: list[dict[str, Any]], grid: list[str] | None) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    if grid is None:
+        df[IN_LATEST_GRID] = True
+    else:
+        df[IN_LATEST_GRID] = df["run_id"].isin(set(grid)) if "run_id" in df else []
+    df[IN_LATEST_GRID] = df[IN_LATEST_GRID].astype(bool)
+    return df
+
+
 def load(out_dir: str | os.PathLike) -> pd.DataFrame:
-    """Read a sweep's results table back as a DataFrame."""
+    """Read a sweep's results table back as a DataFrame: every row ever committed, with a boolean
+    column ``in_latest_grid`` (is the run in the grid of the latest ``sweep.run`` on this directory?
+    rows of runs since edited out of the grid are ``False``)."""
     path = Path(out_dir) / RESULTS
     if not path.exists():
         raise FileNotFoundError(f"no {RESULTS} in {out_dir}: not a sweep output directory")
-    return pd.DataFrame(_read(path))
+    return _frame(_read(path), _read_grid(Path(out_dir)))
 
 
 def load_curve(out_dir: str | os.PathLike, run_id: str) -> pd.DataFrame:
