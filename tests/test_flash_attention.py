@@ -20,7 +20,8 @@ from jscale import nn
 from jscale.train import train
 from pallas_kernels import flash_attention
 from pallas_kernels.flash_attention import attention_reference
-from pallas_kernels.flash_attention.ops import DEFAULT_BLOCKS
+from pallas_kernels.flash_attention import kernel as attention_kernel
+from pallas_kernels.flash_attention.ops import DEFAULT_BLOCKS, make_spec
 
 # Tiny shapes, several tiles each, lengths that are not multiples of the tile, GQA ratios 1, 2, 4.
 # (B, T, S, H, G, K, causal, segments, dtype, block_q, block_k, scale); segments: None, "self" (one
@@ -32,6 +33,11 @@ CASES = {
     "full-gqa2-segments-bf16": (2, 128, 128, 4, 2, 64, False, "self", "bfloat16", 32, 64, None),
     "cross-full-mha-pair-segments-scaled-f32": (1, 40, 72, 2, 2, 32, False, "pair", "float32", 16,
                                                 32, 0.5),
+    # Causal with T != S (top-left aligned): T < S leaves key blocks no query sees (the TPU dk/dv
+    # grid must not fetch a query block past the last one for them); T > S, queries that see all.
+    "causal-short-q-gqa2-f32": (1, 40, 136, 4, 2, 32, True, None, "float32", 16, 16, None),
+    "causal-long-q-mha-pair-segments-f32": (1, 72, 40, 2, 2, 32, True, "pair", "float32", 16, 16,
+                                            None),
 }
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -166,10 +172,78 @@ class TestFlashAttention:
         assert "pallas_call" not in text
 
 
-def test_auto_impl_uses_xla_on_cpu_and_kernel_on_accelerators():
+@pytest.mark.parametrize("T, S, causal, segments, blocks", [
+    (256, 1024, True, False, (128, 128)),   # T < S
+    (130, 1000, True, False, (128, 128)),   # T < S, ragged: padded keys
+    (130, 1000, True, True, (None, None)),  # with segment ids; default tiles (512 fwd, 256 bwd)
+    (1000, 300, True, False, (None, None)),  # T > S
+    (300, 300, True, True, (128, 128)),
+    (256, 1024, False, False, (128, 128)),
+])
+def test_tpu_grid_block_indices_stay_in_range(T, S, causal, segments, blocks):
+    """Every block a TPU grid kernel fetches is inside its array, at every grid point, and is the
+    grid's own block wherever that block is computed. Interpret mode clamps an out-of-range index
+    (so value tests cannot see one); a TPU would DMA out of bounds. (256, 1024) causal: key blocks
+    2..7 have no query, and the dk/dv map once asked for query block 7 of 2."""
+    spec = make_spec((1, T, 2, 64), (1, S, 1, 64), causal=causal, scale=1.0, segments=segments,
+                     variant="tpu", interpret=False, block_q=blocks[0], block_k=blocks[1])
+    for bq, bk in ((spec.block_q, spec.block_k), (spec.block_q_bwd, spec.block_k_bwd)):
+        nq, nk = spec.t_pad // bq, spec.s_pad // bk
+        i, j = jnp.arange(nq)[:, None], jnp.arange(nk)[None, :]  # grid points [query, key block]
+        kv = np.broadcast_to(attention_kernel.kv_block_index(i, j, bq, bk, spec), (nq, nk))  # fwd, dq
+        q = np.broadcast_to(attention_kernel.q_block_index(j, i, bq, bk, spec), (nq, nk))  # dk/dv
+        assert kv.min() >= 0 and kv.max() < nk, kv
+        assert q.min() >= 0 and q.max() < nq, q
+        # Blocks that are computed are fetched as themselves: causally, query block i needs key
+        # blocks j with j·bk <= last query of i, key block j the query blocks i with i·bq + bq > j·bk.
+        ii, jj = np.meshgrid(np.arange(nq), np.arange(nk), indexing="ij")
+        needed = (jj * bk <= ii * bq + bq - 1) if causal else np.ones_like(ii, bool)
+        np.testing.assert_array_equal(kv[needed], jj[needed])
+        np.testing.assert_array_equal(q[needed], ii[needed])
+
+
+def test_auto_impl_is_xla_until_validated_for_both_kernels(monkeypatch):
+    """One ``impl="auto"`` policy (pallas_kernels._policy): the XLA path on every platform until a
+    kernel's compiled tests have passed there; then the kernel, on that platform only."""
+    from pallas_kernels import _policy
+    from pallas_kernels.flash_attention import ops as attention_ops
+    from pallas_kernels.selective_scan import ops as scan_ops
+
+    resolvers = {"flash_attention": attention_ops.resolve_impl,
+                 "selective_scan": scan_ops.resolve_impl}
+    monkeypatch.setattr(_policy, "VALIDATED", {name: {} for name in resolvers})
+    monkeypatch.setattr(scan_ops, "_gpu_is_hopper_or_newer", lambda: True)
+    for resolve in resolvers.values():
+        for platform in _policy.PLATFORMS:
+            assert resolve("auto", platform) == "xla", platform
+            assert resolve("pallas", platform) == "pallas" and resolve("xla", platform) == "xla"
+    for name, resolve in resolvers.items():
+        for where in ("gpu", "tpu"):
+            with monkeypatch.context() as m:
+                m.setitem(_policy.VALIDATED[name], where, (jax.__version__, "2026-11-20"))
+                for platform in _policy.PLATFORMS:
+                    assert resolve("auto", platform) == ("pallas" if platform == where else "xla")
+                other = next(n for n in resolvers if n != name)
+                assert resolvers[other]("auto", where) == "xla"  # one record per kernel
+    # The scan's GPU kernel is Mosaic GPU: a recorded GPU older than Hopper stays on XLA.
+    monkeypatch.setitem(_policy.VALIDATED["selective_scan"], "gpu", (jax.__version__, "2026-11-20"))
+    monkeypatch.setattr(scan_ops, "_gpu_is_hopper_or_newer", lambda: False)
+    assert scan_ops.resolve_impl("auto", "gpu") == "xla"
+
+    # The public functions follow the record on the default backend (the kernels run interpreted
+    # when the CPU itself is recorded, which only this test does).
     (q, k, v, _), _ = _inputs("causal-gqa2-ragged-f32")
-    text = str(jax.make_jaxpr(lambda q, k, v: flash_attention(q, k, v))(q, k, v))
-    assert ("pallas_call" in text) == (jax.default_backend() in ("gpu", "tpu"))
+    x = jnp.zeros((1, 16, 8))
+    scan_args = (x, x + 0.1, -jnp.ones((8, 4)), jnp.zeros((1, 16, 4)), jnp.zeros((1, 16, 4)))
+    backend = jax.default_backend()
+    for record in ({}, {backend: (jax.__version__, "2026-11-20")}):
+        monkeypatch.setattr(_policy, "VALIDATED",
+                            {"flash_attention": dict(record), "selective_scan": dict(record)})
+        attention = str(jax.make_jaxpr(lambda q, k, v: flash_attention(q, k, v))(q, k, v))
+        scan = str(jax.make_jaxpr(lambda *a: scan_ops.selective_scan(*a))(*scan_args))
+        assert ("pallas_call" in attention) == bool(record), record
+        if backend != "gpu":  # (a recorded GPU also needs Hopper for the scan)
+            assert ("pallas_call" in scan) == bool(record), record
 
 
 @pytest.mark.parametrize("platform, variant", [("cuda", "gpu"), ("tpu", "tpu")])

@@ -1,5 +1,11 @@
 """Selective scan: reference ≡ a naive loop, chunked ≡ reference, Pallas kernel ≡ reference (values
-and gradients of every input, interpret mode, both state orientations), lowering for GPU and TPU."""
+and gradients of every input, interpret mode, both state orientations), lowering for GPU and TPU,
+the GPU plan's shared memory.
+
+On CPU the kernels run in Pallas's interpreter; the ``*-compiled`` cases run them compiled on a GPU
+(``pytest -m gpu``, Mosaic GPU, sm90+) or a TPU.
+"""
+
 
 import jax
 import jax.numpy as jnp
@@ -8,11 +14,23 @@ import pytest
 from tolerances import F32_GRAD, F32_REORDER, SCAN_BF16, SCAN_GRAD
 
 from pallas_kernels import selective_scan
-from pallas_kernels.selective_scan import ops, selective_scan_chunked, selective_scan_ref
+from pallas_kernels.selective_scan import kernel, ops, selective_scan_chunked, selective_scan_ref
 
 B, T, D, N = 2, 70, 16, 8          # T is not a multiple of CHUNK: the last chunk is padded
 CHUNK, BLOCK_D = 16, 8             # two channel blocks: dB, dC are summed over blocks
 DIFF = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+ON_GPU = jax.default_backend() == "gpu"
+ON_TPU = jax.default_backend() == "tpu"
+#: Kernel options per mode: interpreted (CPU), or compiled on the hardware at hand with its default
+#: channel block (Mosaic GPU needs multiples of 64; the interpreted cases split D=16 in two blocks).
+MODES = [
+    pytest.param({"block_d": BLOCK_D}, id="interpret"),
+    pytest.param({"interpret": False}, id="gpu-compiled",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU")]),
+    pytest.param({"interpret": False}, id="tpu-compiled",
+                 marks=pytest.mark.skipif(not ON_TPU, reason="needs a TPU")),
+]
 
 #: Which optional inputs each case passes. The last two are complementary: each option is on in one
 #: and off in the other; "full" has them all on together.
@@ -121,7 +139,8 @@ def reference(data):
 
     def get(case):
         if case not in cache:
-            cache[case] = _loss_and_grads(selective_scan_ref, case, *data)
+            with jax.default_matmul_precision("highest"):  # no TF32 in the oracle on a GPU
+                cache[case] = _loss_and_grads(selective_scan_ref, case, *data)
         return cache[case]
     return get
 
@@ -153,10 +172,10 @@ def test_chunked_matches_reference(data, reference):
                   reference("full"), F32_GRAD)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", ["full", "d_softplus_last", "z_bias_reset"])
-def test_kernel_matches_reference(data, reference, case):
-    got = _loss_and_grads(selective_scan, case, *data, impl="pallas", chunk=CHUNK,
-                          block_d=BLOCK_D)
+def test_kernel_matches_reference(data, reference, case, mode):
+    got = _loss_and_grads(selective_scan, case, *data, impl="pallas", chunk=CHUNK, **mode)
     _assert_close(got, reference(case), SCAN_GRAD)
 
 
@@ -167,12 +186,15 @@ def test_kernel_gpu_orientation_matches_reference(data, reference):
     _assert_close(got, reference("full"), SCAN_GRAD)
 
 
-def test_kernel_bfloat16_inputs():
+@pytest.mark.parametrize("mode", MODES)
+def test_kernel_bfloat16_inputs(mode):
     """bf16 inputs and output, float32 state: the kernel rounds like the reference."""
     x, reset, _ = make_inputs(seed=1, dtype=jnp.bfloat16)
     kw = _kwargs("full", x, reset)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"])
-    out, last = jax.jit(lambda *a: selective_scan(*a, **kw, impl="pallas", chunk=CHUNK))(*args)
+    mode = {k: v for k, v in mode.items() if k != "block_d"}
+    out, last = jax.jit(lambda *a: selective_scan(*a, **kw, impl="pallas", chunk=CHUNK,
+                                                  **mode))(*args)
     out0, last0 = selective_scan_ref(*args, **kw)
     assert out.dtype == jnp.bfloat16 and last.dtype == jnp.float32
     np.testing.assert_allclose(out.astype(jnp.float32), out0.astype(jnp.float32), **SCAN_BF16)
@@ -212,13 +234,13 @@ def test_impl_switch_and_errors(data):
         selective_scan(*args, impl="pallas", interpret=False)
 
 
-@pytest.mark.parametrize("dtype, resets", [("float32", False), ("bfloat16", False),
-                                           ("bfloat16", True)])
+@pytest.mark.parametrize("dtype, resets", [("float32", False), ("float32", True),
+                                           ("bfloat16", False), ("bfloat16", True)])
 def test_gpu_backward_fits_shared_memory_at_mamba_shapes(dtype, resets):
     """A Mamba layer's scan (T 128, 128 channels, N 16, with z, D and Δ bias): the default GPU
     chunk leaves the backward within Hopper's 227 KB of shared memory (Mosaic GPU checks it while
-    lowering; float32 inputs once overflowed by 1 KB). With resets the chunk must be a multiple of
-    32, which float32 inputs cannot fit: that fails with a clear error instead."""
+    lowering). float32 with resets — every Mamba training batch — once needed 234,504 B: a chunk
+    had to be a multiple of 32 for the reset flags' copies."""
     B, T, F, N = 2, 128, 128, 16
     dt = jnp.dtype(dtype)
     args = [jax.ShapeDtypeStruct(shape, dt) for shape in [(B, T, F), (B, T, F)]] + [
@@ -236,9 +258,45 @@ def test_gpu_backward_fits_shared_memory_at_mamba_shapes(dtype, resets):
     assert text.count("custom_call @mosaic_gpu") >= 2
 
 
-def test_gpu_float32_with_resets_that_cannot_fit_fails_clearly():
-    args = [jnp.zeros((2, 128, 128)), jnp.zeros((2, 128, 128)), jnp.zeros((128, 16)),
-            jnp.zeros((2, 128, 16)), jnp.zeros((2, 128, 16))]
+def _lower_gpu_backward(chunk, *, T=96, F=64, N=16, dtype=jnp.float32):
+    """Lower the GPU kernels (all options, resets) at ``chunk``; the error if lowering fails."""
+    S = jax.ShapeDtypeStruct
+    chan = S((1, T, F), dtype)
+    args = (chan, chan, S((F, N), jnp.float32), S((1, T, N), dtype), S((1, T, N), dtype),
+            S((F,), jnp.float32), chan, S((F,), jnp.float32), S((1, T), jnp.bool_))
+
+    def loss(u, delta, A, Bm, Cm, D, z, bias, reset):
+        return selective_scan(u, delta, A, Bm, Cm, D, z, bias, delta_softplus=True, reset=reset,
+                              impl="pallas", target="gpu", chunk=chunk).astype(jnp.float32).sum()
+    try:
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*args).lower(
+            lowering_platforms=("cuda",))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_gpu_shared_memory_count_brackets_the_lowering_limit():
+    """``kernel.gpu_backward_smem_bytes`` (what the GPU plan sizes its chunk by) agrees with Mosaic
+    GPU's own count: float32, N 16, every option and resets: 187,400 B at chunk 24 lowers, 234,504
+    B at chunk 32 is refused for exceeding 227 KB — so the default chunk is 24."""
+    sizes = {k: kernel.gpu_backward_smem_bytes(chunk=k, block_d=64, n=16, itemsize=4, has_z=True,
+                                               has_d=True, has_bias=True, has_reset=True)
+             for k in (24, 32)}
+    assert sizes == {24: 187_400, 32: 234_504}
+    assert sizes[24] <= kernel.GPU_SMEM_BUDGET < kernel.GPU_SMEM_BYTES < sizes[32]
+    assert _lower_gpu_backward(24) is None
+    assert "exceeds available shared memory: smem_bytes=234504" in _lower_gpu_backward(32)
+    plan = kernel.plan_for("mosaic_gpu", seq_len=96, d=64, n=16, chunk=None, block_d=None,
+                           orientation=None, has_z=True, has_d=True, has_bias=True, has_reset=True,
+                           softplus=True, itemsize=4)[0]
+    assert plan.chunk == 24
+
+
+def test_gpu_plan_that_cannot_fit_fails_clearly():
+    """N 64 in float32: even an 8-step chunk's backward overflows shared memory."""
+    args = [jnp.zeros((2, 128, 128)), jnp.zeros((2, 128, 128)), jnp.zeros((128, 64)),
+            jnp.zeros((2, 128, 64)), jnp.zeros((2, 128, 64))]
     with pytest.raises(ValueError, match="needs ~.* B of shared memory .* use bfloat16 inputs"):
         jax.jit(lambda *a: selective_scan(*a, reset=jnp.zeros((2, 128), bool), impl="pallas",
                                           target="gpu")).trace(*args).lower(

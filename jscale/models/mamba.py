@@ -376,7 +376,9 @@ def step(params: dict[str, Any], token_B: Array, state: dict[str, Array],
 
 
 def count_params(cfg: MambaConfig) -> dict[str, int]:
-    """Analytic parameter count: ``total``, ``embedding`` (the V×D table, plus the untied head) and
+    """Analytic parameter count: ``total``, ``embedding`` (the V×D table, plus the untied head),
+    ``with_head`` (``non_embedding`` plus the V×D output head, tied or not: the N whose FLOPs ``6ND``
+    counts — Porian et al. 2024) and
     ``non_embedding`` (blocks and the final norm)."""
     D, L, F, N, K, W, V = (cfg.d_model, cfg.n_layers, cfg.d_inner, cfg.d_state, cfg.rank,
                            cfg.d_conv, cfg.vocab_size)
@@ -391,7 +393,7 @@ def count_params(cfg: MambaConfig) -> dict[str, int]:
     embedding = V * D * (1 if cfg.tie_embeddings else 2)
     non_embedding = L * per_layer + D
     return {"total": embedding + non_embedding, "non_embedding": non_embedding,
-            "embedding": embedding}
+            "embedding": embedding, "with_head": non_embedding + V * D}
 
 
 #: FLOPs per token per channel per state of the selective scan: discretize (Δ·A, exp, Δ·B·u: 3), the
@@ -404,8 +406,16 @@ def flops_per_token(cfg: MambaConfig, seq_len: int | None = None) -> dict[str, f
     """Model FLOPs per token (a multiply-add is 2 FLOPs); linear in length: ``seq_len`` is unused.
 
     Counts the matmuls (in_proj, x_proj, dt_proj, out_proj, LM head), the depthwise conv (``2·W·F``)
-    and the selective scan (``SCAN_FLOPS_PER_FN · F · N``, the Mamba paper's convention). Norms,
-    activations and the embedding gather are not counted. ``training`` is 3× ``forward``.
+    and the selective scan (``SCAN_FLOPS_PER_FN · F · N``, the Mamba paper's convention: the
+    sequential recurrence). Norms, activations and the embedding gather are not counted.
+    ``training`` is 3× ``forward``.
+
+    Model FLOPs, not the work an implementation does: ``scan_impl="xla"`` runs an associative
+    (Hillis–Steele) scan inside each chunk, ``log2(chunk)`` rounds over the chunk's transitions —
+    several times the recurrence's arithmetic — and that extra work is not counted; nor is the
+    Pallas backward's recomputation of each chunk's states. The count matches XLA's cost analysis of
+    the forward pass with the sequential scan, except for the scan's own term, which XLA cannot
+    count (tests/test_mamba.py says why).
     """
     D, L, F, N, K, W, V = (cfg.d_model, cfg.n_layers, cfg.d_inner, cfg.d_state, cfg.rank,
                            cfg.d_conv, cfg.vocab_size)

@@ -207,6 +207,22 @@ def _q_range(j, bq: int, bk: int, spec: Spec):
     return first, m_end
 
 
+def kv_block_index(i, j, bq: int, bk: int, spec: Spec):
+    """Grid schedule, forward and dq: the key block fetched at grid point (query block ``i``, key
+    block ``j``). Causally skipped blocks repeat the last needed one (no new DMA); always in
+    ``[0, s_pad // bk)``."""
+    return jnp.minimum(j, _kv_range(i, bq, bk, spec)[1] - 1)
+
+
+def q_block_index(j, i, bq: int, bk: int, spec: Spec):
+    """Grid schedule, dk/dv: the query block fetched at grid point (key block ``j``, query block
+    ``i``). Causally skipped blocks repeat the first needed one (no new DMA). A key block that no
+    query sees (causal with ``T < S``: its first query block is past the last one) computes
+    nothing, and fetches the last query block so the DMA stays in ``[0, t_pad // bq)``."""
+    nq = jnp.int32(spec.t_pad // bq)
+    return jnp.minimum(jnp.maximum(i, _q_range(j, bq, bk, spec)[0]), nq - 1)
+
+
 def _unpack(refs, n_in: int, spec: Spec):
     """Split ``refs`` into inputs (with ``None`` segment refs when absent) and the rest."""
     refs = list(refs)
@@ -472,8 +488,8 @@ def _grid_forward(q, k, v, q_seg, kv_seg, spec: Spec):
     S = k.shape[2]
     bq, bk, rep, W = spec.block_q, spec.block_k, spec.rep, TPU_LANES
 
-    def kv_block(b, h, i, j):  # causally skipped blocks repeat the last needed one: no new DMA
-        return jnp.minimum(j, _kv_range(i, bq, bk, spec)[1] - 1)
+    def kv_block(b, h, i, j):
+        return kv_block_index(i, j, bq, bk, spec)
 
     in_specs = [pl.BlockSpec((None, None, bq, K), lambda b, h, i, j: (b, h, i, 0)),
                 pl.BlockSpec((None, None, bk, K),
@@ -509,7 +525,7 @@ def _grid_backward(q, k, v, q_seg, kv_seg, lse, delta, do, spec: Spec):
 
     # dq: grid (b, h, query block, key block).
     def kv_block(b, h, i, j):
-        return jnp.minimum(j, _kv_range(i, bq, bk, spec)[1] - 1)
+        return kv_block_index(i, j, bq, bk, spec)
 
     q_blk = pl.BlockSpec((None, None, bq, K), lambda b, h, i, j: (b, h, i, 0))
     kv_blk = pl.BlockSpec((None, None, bk, K),
@@ -532,8 +548,8 @@ def _grid_backward(q, k, v, q_seg, kv_seg, lse, delta, do, spec: Spec):
     )(*args)
 
     # dk, dv: grid (b, kv head, key block, query head within the group, query block).
-    def q_block(b, g, j, r, i):  # causally skipped blocks repeat the first needed one
-        return jnp.maximum(i, _q_range(j, bq, bk, spec)[0])
+    def q_block(b, g, j, r, i):
+        return q_block_index(j, i, bq, bk, spec)
 
     q_blk = pl.BlockSpec((None, None, bq, K),
                          lambda b, g, j, r, i: (b, g * rep + r, q_block(b, g, j, r, i), 0))

@@ -3,6 +3,12 @@
 Semantics (causal alignment, segment ids, GQA, empty rows) are those of
 :func:`pallas_kernels.flash_attention.reference.attention_reference`; the kernels are described in
 :mod:`pallas_kernels.flash_attention.kernel`.
+
+``impl="auto"`` follows the policy of every kernel here (:mod:`pallas_kernels._policy`): the XLA
+path (the reference) until the kernel's compiled tests have passed on the platform, recorded in
+``pallas_kernels._policy.VALIDATED["flash_attention"]`` — empty today (the kernels have run in
+interpret mode and lowered for "cuda" (Triton) and "tpu", never compiled on either), so ``auto``
+is XLA everywhere. ``impl="pallas"`` always runs the kernel.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _policy
 from pallas_kernels.flash_attention import kernel
 from pallas_kernels.flash_attention.reference import attention_reference, split_segment_ids
 
@@ -31,6 +38,13 @@ DEFAULT_BLOCKS: dict[str, dict[str, tuple[int, int]]] = {
     "tpu": {"fwd": (512, 512), "bwd": (256, 256)},
     "cpu": {"fwd": (128, 128), "bwd": (128, 128)},
 }
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """``"pallas"`` or ``"xla"`` for ``impl`` on ``platform`` (default: the default backend)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return _policy.resolve("flash_attention", impl, platform)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -140,8 +154,9 @@ def flash_attention(q_BTHK: Array, k_BSGK: Array, v_BSGK: Array, *, causal: bool
       block_q, block_k: tile sizes for the forward and backward kernels; default per platform
         (``DEFAULT_BLOCKS``), shrunk for short sequences. Any length works: inputs are padded to a
         multiple of the tile internally.
-      impl: "pallas" runs the kernel; "xla" the pure-jnp reference; "auto" the kernel on GPU/TPU and
-        XLA on CPU.
+      impl: "pallas" runs the kernel; "xla" the pure-jnp reference; "auto" the kernel only on a
+        platform where its compiled tests have passed (``pallas_kernels._policy.VALIDATED``; none
+        yet), else the reference.
       interpret: run the kernel in Pallas's interpreter; default: on CPU.
       platform: which kernel variant to run, "gpu" (Triton, loop schedule) or "tpu" (Mosaic TPU,
         grid schedule); default: the default backend's, "gpu" on CPU. Lets CPU tests run either.
@@ -150,8 +165,7 @@ def flash_attention(q_BTHK: Array, k_BSGK: Array, v_BSGK: Array, *, causal: bool
       ``[B, T, H, K]`` in ``q``'s dtype. Differentiable in ``q``, ``k``, ``v`` (a ``custom_vjp``
       whose backward kernels recompute attention from the saved log-sum-exp).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    impl = resolve_impl(impl)
     if q_BTHK.ndim != 4 or k_BSGK.ndim != 4 or v_BSGK.shape != k_BSGK.shape:
         raise ValueError(f"expected q [B, T, H, K] and k, v [B, S, G, K]; got {q_BTHK.shape}, "
                          f"{k_BSGK.shape}, {v_BSGK.shape}")
@@ -164,8 +178,6 @@ def flash_attention(q_BTHK: Array, k_BSGK: Array, v_BSGK: Array, *, causal: bool
         raise ValueError(f"q, k, v dtypes differ: {q_BTHK.dtype}, {k_BSGK.dtype}, {v_BSGK.dtype}")
     scale = K**-0.5 if scale is None else scale
     backend = jax.default_backend()
-    if impl == "auto":
-        impl = "pallas" if backend in ("gpu", "tpu") else "xla"
     if impl == "xla":
         return attention_reference(q_BTHK, k_BSGK, v_BSGK, causal=causal, segment_ids=segment_ids,
                                    scale=scale)

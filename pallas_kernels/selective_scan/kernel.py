@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -46,17 +47,55 @@ from jax.experimental import pallas as pl
 Array = jax.Array
 
 #: Per-backend defaults: (chunk, block_d). GPU: 64 channels = one WGMMA row tile per warpgroup; the
-#: backward's ``[chunk + 1, 64, N]`` float32 state buffer (33 × 64 × 16 × 4 B = 135 KB) must fit in
-#: shared memory. TPU: 512 lanes give the VPU independent work per step; the buffer (65 × 16 × 512 ×
-#: 4 B = 2.1 MB) sits in VMEM. On GPU the forward double-buffers its input blocks, the backward (its
-#: state buffer takes most of shared memory) does not. Untuned: no accelerator has run these yet.
+#: backward's ``[chunk + 1, 64, N]`` float32 state buffer and its I/O blocks must fit in shared
+#: memory, so the default chunk is the longest multiple of 8 up to 32 that fits
+#: (:func:`gpu_backward_smem_bytes`): 24 steps for float32 inputs at N 16, 32 for bfloat16. TPU:
+#: 512 lanes give the VPU independent work per step; the buffer (65 × 16 × 512 × 4 B = 2.1 MB) sits
+#: in VMEM. On GPU the forward double-buffers its input blocks, the backward (its state buffer takes
+#: most of shared memory) does not. Untuned: no accelerator has run these yet.
 DEFAULTS = {"mosaic_gpu": (32, 64), "tpu": (64, 512), "interpret": (64, 512)}
-#: Shared memory one GPU block may use (Hopper: 227 KB) and a margin kept free of it.
+#: Shared memory one GPU block may use (Hopper: 227 KB, the limit Mosaic GPU checks while lowering
+#: when no GPU is attached) and a margin kept free of it; the default chunk is planned to fit.
 GPU_SMEM_BYTES, GPU_SMEM_MARGIN = 227 * 1024, 4096
-#: Besides its ``[chunk + 1, block_d, N]`` float32 state buffer, the GPU backward holds this many
-#: ``chunk × block_d`` blocks of the input dtype (inputs, cotangents, gradients). Calibrated on Mosaic
-#: GPU's own accounting: 233,480 B at chunk 32, block_d 64, N 16, float32 = 135,168 + 12 × 8,192 + 8.
-GPU_IO_BLOCKS = 12
+GPU_SMEM_BUDGET = GPU_SMEM_BYTES - GPU_SMEM_MARGIN
+#: Mosaic GPU copies a block only if its bytes are a multiple of the warpgroup size (128 threads):
+#: the float32 reset flags travel as one row of a multiple of 32 per chunk, padded past the chunk.
+GPU_COPY_BYTES = 128
+#: Mosaic GPU's shared-memory accounting (jax 0.10.2): every buffer starts on a 1024-byte boundary;
+#: a kernel also reserves ``reduction_scratch_bytes`` (``plgpu.CompilerParams``'s default, 2 KB)
+#: and an 8-byte barrier (the backward's one pipeline slot).
+GPU_SMEM_ALIGN, GPU_REDUCTION_SCRATCH, GPU_BARRIER_BYTES = 1024, 128 * 4 * 4, 8
+
+
+def gpu_backward_smem_bytes(*, chunk: int, block_d: int, n: int, itemsize: int, has_z: bool,
+                            has_d: bool, has_bias: bool, has_reset: bool) -> int:
+    """Shared memory of the Mosaic GPU backward kernel (one buffer per operand, as it runs with
+    ``max_concurrent_steps=1``), counted as Mosaic GPU counts it. ``n``: the padded state size;
+    ``itemsize``: bytes per element of ``u``/``delta``/``z``/``B``/``C`` and their gradients.
+
+    Mirrors :func:`backward`'s operands; it matched Mosaic GPU's own count exactly at every shape
+    tried (chunks 8-32, N 4-64, float32 and bfloat16, with and without z, D, Δ bias and resets), and
+    the tests check that it brackets the limit where lowering starts to fail."""
+    def buf(*shape, size=4):
+        return _round_up(size * math.prod(shape), GPU_SMEM_ALIGN)
+
+    k, bd = chunk, block_d
+    chan, stat, state, vec = buf(k, bd, size=itemsize), buf(k, n, size=itemsize), buf(bd, n), buf(bd)
+    n_chan = 3 + 2 + 2 * has_z                     # dout, u, delta (+ z); du, ddelta (+ dz)
+    total = (n_chan * chan + 2 * stat              # B, C
+             + state * 3                           # A, hs, dlast
+             + (has_d + has_bias) * vec            # D, delta_bias
+             + (buf(_keep_row(k)) if has_reset else 0)
+             + state + 2 * buf(k, n)               # dA; dB, dC partials (float32)
+             + (has_d + has_bias) * vec            # dD, d(delta_bias) partials
+             + buf(k + 1, bd, n) + 2 * state       # scratch: chunk states, dh, dA accumulator
+             + (has_d + has_bias) * vec)           # dD, d(delta_bias) accumulators
+    return total + _round_up(GPU_REDUCTION_SCRATCH, GPU_SMEM_ALIGN) + GPU_BARRIER_BYTES
+
+
+def _keep_row(k: int) -> int:
+    """Length of the per-chunk row of reset flags (float32) on Mosaic GPU."""
+    return _round_up(k, GPU_COPY_BYTES // 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,20 +127,22 @@ def plan_for(backend: str, *, seq_len: int, d: int, n: int, chunk: int | None,
     default_chunk, default_block = DEFAULTS[backend]
     block_d = block_d or default_block
     if chunk is None and backend == "mosaic_gpu":
-        # The longest chunk (a multiple of 8; of 32 with resets, whose float32 rows Mosaic GPU
-        # copies in 128-byte units) whose backward fits shared memory.
-        step = 32 if has_reset else 8
-        state_row = block_d * _round_up(n, 8) * 4
-        per_step = state_row + GPU_IO_BLOCKS * block_d * itemsize
-        fits = (GPU_SMEM_BYTES - GPU_SMEM_MARGIN - state_row) // per_step
-        chunk = min(default_chunk, fits // step * step)
-        if chunk < step:
-            need = state_row + step * per_step
+        # The longest chunk (a multiple of 8) whose backward fits shared memory.
+        def smem(k):
+            return gpu_backward_smem_bytes(chunk=k, block_d=block_d, n=_round_up(n, 8),
+                                           itemsize=itemsize, has_z=has_z, has_d=has_d,
+                                           has_bias=has_bias, has_reset=has_reset)
+        fits = default_chunk // 8 * 8
+        while fits >= 8 and smem(fits) > GPU_SMEM_BUDGET:
+            fits -= 8
+        if fits < 8:
+            need = smem(8)
             raise ValueError(
-                f"selective_scan on Mosaic GPU: the backward of a {step}-step chunk of {block_d} "
+                f"selective_scan on Mosaic GPU: the backward of an 8-step chunk of {block_d} "
                 f"channels with N={n} and {itemsize}-byte inputs needs ~{need:,} B of shared "
-                f"memory (> {GPU_SMEM_BYTES - GPU_SMEM_MARGIN:,}); use bfloat16 inputs, a smaller "
-                "N, or impl='xla'")
+                f"memory (> {GPU_SMEM_BUDGET:,}); use bfloat16 inputs, a smaller N, or "
+                "impl='xla'")
+        chunk = fits
     chunk = chunk or default_chunk
     if orientation is None:
         orientation = "dn" if backend == "mosaic_gpu" else "nd"
@@ -195,7 +236,7 @@ class _ND:
     def param_spec(self):
         return pl.BlockSpec((1, self.bd), lambda b, j, c: (0, j))
 
-    def keep_array(self, keep):             # [B, T] -> [B, T, 1]
+    def keep_array(self, keep, k):          # [B, T] -> [B, T, 1]
         return keep[:, :, None]
 
     def keep_spec(self, k, tmap):
@@ -289,11 +330,13 @@ class _DN:
     def param_spec(self):
         return pl.BlockSpec((self.bd,), lambda b, j, c: (j,))
 
-    def keep_array(self, keep):
-        return keep
+    def keep_array(self, keep, k):          # [B, T] -> [B, T / k, KEEP_ROW]: one row per chunk
+        batch, t_pad = keep.shape
+        rows = keep.reshape(batch, t_pad // k, k)
+        return jnp.pad(rows, ((0, 0), (0, 0), (0, _keep_row(k) - k)), constant_values=1.0)
 
     def keep_spec(self, k, tmap):
-        return pl.BlockSpec((None, k), lambda b, j, c: (b, tmap(c)))
+        return pl.BlockSpec((None, None, _keep_row(k)), lambda b, j, c: (b, tmap(c), 0))
 
     def states_shape(self, lead: tuple[int, ...], d: int):
         return (*lead, d, self.n)
@@ -547,7 +590,7 @@ def forward(plan: Plan, u, delta, A, B, C, D, z, delta_bias, keep):
     if plan.has_bias:
         args["bias"] = (lay.param_array(delta_bias), lay.param_spec())
     if plan.has_reset:
-        args["keep"] = (lay.keep_array(keep), lay.keep_spec(plan.chunk, lambda c: c))
+        args["keep"] = (lay.keep_array(keep, plan.chunk), lay.keep_spec(plan.chunk, lambda c: c))
     present = [v for v in args.values() if v[0] is not None]
     out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype),
                  jax.ShapeDtypeStruct(lay.states_shape((batch, n_chunks), d_pad), jnp.float32),
@@ -580,7 +623,7 @@ def backward(plan: Plan, dout, dlast, u, delta, A, B, C, D, z, delta_bias, keep,
     if plan.has_bias:
         args.append((lay.param_array(delta_bias), lay.param_spec()))
     if plan.has_reset:
-        args.append((lay.keep_array(keep), lay.keep_spec(plan.chunk, rev)))
+        args.append((lay.keep_array(keep, plan.chunk), lay.keep_spec(plan.chunk, rev)))
     args += [(hs, lay.state_spec(lambda g: (g[0], rev(g[2])))),
              (lay.from_bdn(dlast), lay.state_spec(lambda g: (g[0],)))]
 

@@ -1,9 +1,12 @@
 """``selective_scan``: the public op, a ``jax.custom_vjp`` over the Pallas kernels, impl switch.
 
 ``impl="pallas"`` runs :mod:`.kernel` (forward saves only chunk-start states; backward recomputes
-each chunk), ``impl="xla"`` runs :func:`.reference.selective_scan_chunked` (differentiated by JAX),
-``impl="auto"`` picks Pallas only on platforms in :data:`VALIDATED_PLATFORMS` (GPU: Hopper or newer)
-and XLA elsewhere.
+each chunk), ``impl="xla"`` runs :func:`.reference.selective_scan_chunked` (differentiated by JAX).
+``impl="auto"`` follows the policy of every kernel here (:mod:`pallas_kernels._policy`): the XLA
+path until the kernel's compiled tests have passed on the platform, recorded in
+``pallas_kernels._policy.VALIDATED["selective_scan"]`` — empty today (the kernels have run in
+interpret mode and lowered for "cuda" (Mosaic GPU, sm90+) and "tpu", never compiled on either), so
+``auto`` is XLA everywhere. On a recorded GPU, ``auto`` also needs Hopper or newer.
 ``interpret`` (default: on CPU) runs the Pallas kernels in interpret mode.
 """
 
@@ -14,16 +17,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _policy
 from pallas_kernels.selective_scan import kernel, reference
 
 Array = jax.Array
 IMPLS = ("auto", "pallas", "xla")
-
-#: Platforms where ``impl="auto"`` runs the compiled kernels. Empty until the kernels have passed
-#: the kernel-vs-reference tests on that hardware: so far they have run in interpret mode and
-#: lowered (not compiled or run) for "gpu" (Mosaic GPU, sm90+) and "tpu". Add a platform once
-#: validated.
-VALIDATED_PLATFORMS: frozenset[str] = frozenset()
 
 
 def _default_platform() -> str:
@@ -38,18 +36,15 @@ def _gpu_is_hopper_or_newer() -> bool:
     return float(cc) >= 9.0
 
 
-def resolve_impl(impl: str) -> str:
-    """``"pallas"`` or ``"xla"`` for ``impl`` on the default backend."""
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """``"pallas"`` or ``"xla"`` for ``impl`` on ``platform`` (default: the default backend)."""
     if impl not in IMPLS:
         raise ValueError(f"impl: must be one of {IMPLS} (got {impl!r})")
-    if impl != "auto":
-        return impl
-    platform = _default_platform()
-    if platform not in VALIDATED_PLATFORMS:
-        return "xla"
-    if platform == "gpu" and not _gpu_is_hopper_or_newer():
+    platform = platform or _default_platform()
+    choice = _policy.resolve("selective_scan", impl, platform)
+    if impl == "auto" and choice == "pallas" and platform == "gpu" and not _gpu_is_hopper_or_newer():
         return "xla"  # Mosaic GPU needs sm90+
-    return "pallas"
+    return choice
 
 
 def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array, D: Array | None = None,
