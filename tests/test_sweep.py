@@ -104,6 +104,21 @@ def test_shape_rule_hits_target():
         assert cfg.d_model % cfg.k == 0 and cfg.n_heads % cfg.n_kv_heads == 0
 
 
+def test_shape_rule_keeps_one_attention_layout_and_counts_the_head_when_asked():
+    gqa3 = jscale.presets.get("tiny").override({"model.n_heads": 6, "model.n_kv_heads": 2,
+                                                "model.d_model": 192}).model
+    for target in (1.5e4, 6e4, 2.4e5, 1e6):  # every size keeps 3 query heads per kv head
+        cfg = sweep.shape_for_params(target, gqa3)
+        assert cfg.n_heads == 3 * cfg.n_kv_heads, (target, cfg)
+    with_head = sweep.shape_for_params(5e4, BASE.model, count="with_head")
+    n = jscale.count_params(with_head)
+    assert n["with_head"] == n["non_embedding"] + 257 * with_head.d_model
+    assert abs(math.log(n["with_head"] / 5e4)) < math.log(1.25)
+    with pytest.raises(ConfigError, match="count must be"):
+        sweep.shape_for_params(5e4, BASE.model, count="embedding")
+    assert sweep.shape_for_params(2e4, BASE.model, head_dim=16, min_layers=2).n_layers >= 2
+
+
 def test_isoflop_budgets_hit():
     base = BASE.override({"train.batch_size": 8, "train.seq_len": 64})
     budgets = [1e12, 1e13]
@@ -529,3 +544,23 @@ def test_lr_sweep_analysis_does_not_count_failed_runs_as_diverged(tmp_path, caps
     ok, diverged, failed = lr_sweep.split(df)
     assert ok["optim.lr"].tolist() == [1e-3, 3e-3]
     assert diverged["optim.lr"].tolist() == [1e-1] and failed["optim.lr"].tolist() == [3e-2]
+
+
+def test_experiment_script_overrides_reach_the_grid_and_every_run():
+    from jscale.sweep.script import build_grid
+
+    def grid(preset):
+        return sweep.product(BASE, **{"optim.lr": [1e-3, 2e-3]})
+
+    seen = {}
+
+    def sized(preset, overrides):
+        seen.update(overrides)
+        return [BASE.override(overrides)]
+
+    runs = build_grid(grid, "cpu", {"train.seed": "3"})
+    assert [r.train.seed for r in runs] == [3, 3] and [r.optim.lr for r in runs] == [1e-3, 2e-3]
+    assert build_grid(sized, "cpu", {"data.val_every": "5"})[0].data.val_every == 5
+    assert seen == {"data.val_every": "5"}
+    with pytest.raises(ConfigError, match="unknown config key"):
+        build_grid(grid, "cpu", {"train.sed": "3"})

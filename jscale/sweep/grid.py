@@ -114,24 +114,31 @@ def _check_keys(base: RunConfig, axes: Mapping[str, Any]) -> None:
 
 def shape_for_params(n_params: float, base_model: Any, *, aspect_ratio: float = 64.0,
                      head_dim: int | None = None, ffn_ratio: float | None = None,
-                     max_layers: int = 64, count_rtol: float = 0.2) -> Any:
-    """The model config of ``base_model``'s family with about ``n_params`` **non-embedding**
-    parameters, under a fixed shape rule:
+                     max_layers: int = 64, count_rtol: float = 0.2,
+                     count: str = "non_embedding", min_layers: int = 1) -> Any:
+    """The model config of ``base_model``'s family with about ``n_params`` parameters (by default
+    **non-embedding**; see ``count``), under a fixed shape rule:
 
-    * ``d_model`` is a multiple of ``head_dim`` (default: ``base_model``'s head dim);
-      ``n_heads = d_model / head_dim``; ``n_kv_heads`` keeps ``base_model``'s query heads per kv head
-      (falling back to 1 where that would not divide); ``d_ff = ffn_ratio · d_model`` rounded up to a
-      multiple of 8 (default: ``base_model``'s ratio);
-    * for each depth ``n_layers`` in ``1..max_layers`` the width whose count is closest to
+    * ``n_heads = d_model / head_dim`` (default: ``base_model``'s head dim) and ``n_kv_heads`` keeps
+      ``base_model``'s query heads per kv head exactly — so ``d_model`` is a multiple of ``head_dim ×
+      (n_heads / n_kv_heads)``, and every size has the same attention (MHA stays MHA, GQA-2 stays
+      GQA-2); ``d_ff = ffn_ratio · d_model`` rounded up to a multiple of 8 (default: ``base_model``'s
+      ratio);
+    * for each depth ``n_layers`` in ``min_layers..max_layers`` the width whose count is closest to
       ``n_params`` is found; among the depths whose count is within ``count_rtol`` of the best
       achievable one, the one whose ``d_model / n_layers`` is closest to ``aspect_ratio`` wins
       (Kaplan et al.'s depth/width ratio; the built-in presets use 64).
 
-    The exact count of the result is ``jscale.count_params(cfg)["non_embedding"]``. Fields a family
-    lacks (e.g. ``n_heads``) are left alone.
+    ``count`` names the parameter count that is matched: ``"non_embedding"`` (Kaplan et al.'s N),
+    ``"with_head"`` (plus the V×D output head, the N that ``C = 6ND`` counts) or ``"total"``; the exact
+    count of the result is ``jscale.count_params(cfg)[count]``. Fields a family lacks (e.g.
+    ``n_heads``) are left alone.
     """
     if n_params <= 0:
         raise ConfigError(f"shape_for_params: n_params must be > 0 (got {n_params})")
+    if count not in ("non_embedding", "with_head", "total"):
+        raise ConfigError(f"shape_for_params: count must be 'non_embedding', 'with_head' or 'total' "
+                          f"(got {count!r})")
     fields = {f.name for f in dataclasses.fields(base_model)}
     k = head_dim or getattr(base_model, "k", None) or 64
     ratio = ffn_ratio or (base_model.d_ff / base_model.d_model if "d_ff" in fields else None)
@@ -146,17 +153,20 @@ def shape_for_params(n_params: float, base_model: Any, *, aspect_ratio: float = 
             if "head_dim" in fields:
                 change["head_dim"] = None if k * n_heads == d_model else k
             if "n_kv_heads" in fields:
-                change["n_kv_heads"] = n_heads // q_per_kv if n_heads % q_per_kv == 0 else 1
+                change["n_kv_heads"] = n_heads // q_per_kv
         if ratio is not None:
             change["d_ff"] = 8 * math.ceil(ratio * d_model / 8)
         cfg = dataclasses.replace(base_model, **change)
-        return cfg, abs(math.log(models.count_params(cfg)["non_embedding"] / n_params))
+        return cfg, abs(math.log(models.count_params(cfg)[count] / n_params))
 
     per_depth = []  # (count error, aspect error, cfg) of the best width at each depth
-    for n_layers in range(1, max_layers + 1):
+    if not 1 <= min_layers <= max_layers:
+        raise ConfigError(f"shape_for_params: need 1 <= min_layers <= max_layers (got {min_layers}, "
+                          f"{max_layers})")
+    for n_layers in range(min_layers, max_layers + 1):
         best, m = None, 1
         while True:
-            cfg, err = shaped(n_layers, m * k)
+            cfg, err = shaped(n_layers, m * k * q_per_kv)
             if best is not None and err > best[1]:
                 break  # the count grows with width: past the closest one
             best, m = (cfg, err), m + 1
@@ -174,13 +184,15 @@ def shape_for_params(n_params: float, base_model: Any, *, aspect_ratio: float = 
 def isoflop(base: RunConfig, budgets: Iterable[float], *, n_params: Sequence[float] | None = None,
             sizes: Sequence[Mapping[str, Any]] | None = None, n_sizes: int = 7,
             span: float = 8.0, tokens_per_param: float = 20.0, min_steps: int = 10,
-            rtol: float = ISOFLOP_RTOL) -> list[RunConfig | InvalidRun]:
+            rtol: float = ISOFLOP_RTOL, count: str = "non_embedding",
+            **shape_kwargs: Any) -> list[RunConfig | InvalidRun]:
     """For each compute budget C (training FLOPs), a set of model sizes across the IsoFLOP valley,
     each trained for the number of steps that spends C.
 
     Sizes come from (in order of precedence) ``sizes`` — explicit model overrides such as
-    ``{"model.d_model": 128, "model.n_layers": 2}`` —, ``n_params`` — target non-embedding parameter
-    counts turned into shapes by :func:`shape_for_params` —, or, by default, ``n_sizes`` counts spaced
+    ``{"model.d_model": 128, "model.n_layers": 2}`` —, ``n_params`` — target parameter counts (of
+    kind ``count``, default non-embedding) turned into shapes by :func:`shape_for_params` (which also
+    takes ``shape_kwargs``: ``aspect_ratio``, ``head_dim``, …) —, or, by default, ``n_sizes`` counts spaced
     log-uniformly over a factor ``span`` around the Chinchilla-style optimum ``N* = sqrt(C / (6 ·
     tokens_per_param))`` (``n_sizes=1``: N* alone; ``n_sizes < 1`` raises :class:`ConfigError`).
     A run's ``train.steps`` is ``round(C / (flops_per_token(cfg, T)["training"] · B · T))``; it is
@@ -204,7 +216,7 @@ def isoflop(base: RunConfig, budgets: Iterable[float], *, n_params: Sequence[flo
                            [n_star * span ** (i / (n_sizes - 1) - 0.5) for i in range(n_sizes)])
             candidates = []
             for target in targets:
-                shape = shape_for_params(target, base.model)
+                shape = shape_for_params(target, base.model, count=count, **shape_kwargs)
                 candidates.append(_build(base, {f"model.{k}": v for k, v in
                                                 dataclasses.asdict(shape).items()}))
         seen = set()

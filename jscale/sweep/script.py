@@ -2,18 +2,23 @@
 define ``analyze(df, out_dir)``). They run as ``python experiments/NAME.py --preset P --out DIR``
 (the script ends with ``if __name__ == "__main__": jscale.sweep.main(grid, analyze)``) or as
 ``jscale sweep experiments/NAME.py --preset P --out DIR``.
+
+``--set KEY=VALUE`` (repeatable) overrides a config field of every run, typed and validated like
+``jscale train --set``. A grid that must size its runs with them (a corpus, a tokenizer, a vocabulary)
+takes them as ``grid(preset, overrides)``; they are applied to every run it returns either way.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from jscale.config import ConfigError
+from jscale.config import ConfigError, parse_overrides
 from jscale.sharding import add_distributed_arguments, initialize_from_args, is_primary
 
 
@@ -41,8 +46,23 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                              "$JSCALE_CACHE/strategy_probe.json, shared by every sweep")
     parser.add_argument("--max-group-size", type=int, default=None,
                         help="most runs per compiled program (default: what fits in memory)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field of every run (repeatable), e.g. "
+                             "--set data.path=corpus.jsonl")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or group summaries")
     add_distributed_arguments(parser)
+
+
+def build_grid(grid: Callable, preset: str, overrides: dict[str, str]) -> list:
+    """``grid(preset)``, or ``grid(preset, overrides)`` if it takes them, with ``overrides`` applied
+    to every run it returns (an :class:`~jscale.sweep.grid.InvalidRun` stays as it is)."""
+    from jscale.sweep.grid import InvalidRun
+
+    takes = len(inspect.signature(grid).parameters) >= 2
+    runs = grid(preset, dict(overrides)) if takes else grid(preset)
+    if not overrides:
+        return list(runs)
+    return [r if isinstance(r, InvalidRun) else r.override(overrides) for r in runs]
 
 
 def run_script(grid: Callable, analyze: Callable | None, args: argparse.Namespace) -> int:
@@ -50,7 +70,7 @@ def run_script(grid: Callable, analyze: Callable | None, args: argparse.Namespac
     from jscale.sweep.execute import run
 
     initialize_from_args(args)
-    runs = grid(args.preset)
+    runs = build_grid(grid, args.preset, parse_overrides(getattr(args, "overrides", None) or []))
     df = run(runs, args.out, strategy=args.strategy, max_group_size=args.max_group_size,
              progress=not args.quiet, strategy_cache=args.strategy_cache)
     n_failed = int((df["status"] == "failed").sum())
