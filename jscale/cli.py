@@ -51,8 +51,16 @@ def _build_parser() -> argparse.ArgumentParser:
                           "(Approach 2); parscale: L(N, P) (default: chinchilla)")
     fit.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                      help="bootstrap resamples of the runs for intervals; 0: none (default 1000)")
-    fit.add_argument("--params", choices=["non_embedding", "total"], default="non_embedding",
-                     help="which parameter count is N (default non_embedding)")
+    fit.add_argument("--n-params", "--params", dest="n_params",
+                     choices=["non_embedding", "with_head", "total"], default="non_embedding",
+                     help="which parameter count is N: non_embedding, with_head (non-embedding + "
+                          "the V×d_model LM head, as C counts it) or total (default non_embedding)")
+    fit.add_argument("--loss", default="final_eval_loss", metavar="COLUMN",
+                     help="results column fitted as the loss (default final_eval_loss; e.g. "
+                          "final_train_loss)")
+    fit.add_argument("--include-stale", action="store_true",
+                     help="also fit rows of runs not in the sweep's latest grid "
+                          "(in_latest_grid == False; default: excluded, with their count)")
     fit.add_argument("--streams", default="model.n_streams", metavar="COLUMN",
                      help="results column with ParScale's number of streams P")
     return parser
@@ -110,7 +118,8 @@ def _cmd_fit(args) -> int:
 
     try:
         fit_results_dir(args.results_dir, law=args.law, bootstrap=args.bootstrap,
-                        n_params=args.params, streams=args.streams)
+                        n_params=args.n_params, loss=args.loss, include_stale=args.include_stale,
+                        streams=args.streams)
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad table or unfittable data
         print(f"jscale fit: error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ directly (Agg canvas): nothing touches pyplot's global state or needs a display.
 
 * :func:`isoflop_curves` — loss vs N for each budget, Approach 2's parabolas and their minima.
 * :func:`frontier` — compute-optimal N_opt(C) and D_opt(C): Approach 2 minima and power laws,
-  Approach 3's closed form, bootstrap bands.
+  Approach 3's allocation in the same FLOP convention, bootstrap bands (:func:`frontier_data`).
 * :func:`fit_vs_observed` — predicted vs observed loss for any fit.
 * :func:`parscale_curves` — loss vs N for each number of streams P, with the fitted law.
 """
@@ -88,60 +88,109 @@ def isoflop_curves(iso, path: str | os.PathLike, *, chinchilla=None,
     return _save(fig, path)
 
 
-def _chinchilla_band(boot, C: np.ndarray):
-    from jscale.laws.allocation import closed_form_n_opt
-    from jscale.laws.uncertainty import percentile_interval
-    N = closed_form_n_opt(boot.samples, C[:, None])                      # (len(C), n)
-    return (percentile_interval(N, boot.ci, axis=1),
-            percentile_interval(C[:, None] / (6.0 * N), boot.ci, axis=1))
+#: Budgets at which Approach 3's bootstrap band is solved numerically (under a flops_per_token).
+BAND_POINTS = 25
+#: Axis label of the FLOP convention when no ``flops_label`` is given.
+DEFAULT_FLOPS_LABELS = {False: "C = 6ND", True: "C = flops_per_token(N)·D"}
 
 
-def frontier(path: str | os.PathLike, *, iso=None, iso_boot=None, chinchilla=None,
-             chinchilla_boot=None, budgets: Sequence[float] | None = None,
-             title: str = "Compute-optimal frontier") -> str:
-    """Two panels, N_opt(C) and D_opt(C) against training FLOPs C (log-log): Approach 2's per-budget
-    minima and fitted power laws (``iso``, bands from ``iso_boot``) and Approach 3's closed form
-    under C = 6ND (``chinchilla``, bands from ``chinchilla_boot``). ``budgets`` sets the C range
-    (default: the data's budgets extended 10× on each side)."""
+def frontier_data(*, iso=None, iso_boot=None, chinchilla=None, chinchilla_boot=None,
+                  budgets: Sequence[float] | None = None, flops_per_token=None,
+                  flops_label: str | None = None) -> dict:
+    """What :func:`frontier` draws, as arrays: ``{"C", "convention", "approach2": {...},
+    "approach3": {...}}``, each approach with ``N``, ``D`` (its curves over ``C``), a legend
+    ``label`` and, with a bootstrap, ``band_C``, ``band_N``, ``band_D`` (``(len(band_C), 2)``).
+
+    Every curve is in one FLOP convention, that of the points: ``flops_per_token`` (training FLOPs
+    per token as a function of N, e.g. :func:`jscale.laws.report.runs_flops_per_token` — the
+    convention of an IsoFLOP sweep's budgets) or, when None, ``C = 6ND``. Approach 3's allocation is
+    then solved numerically under it (``ChinchillaFit.compute_optimal``), not taken from the 6ND
+    closed form. ``flops_label`` names the convention (default "C = 6ND" /
+    "C = flops_per_token(N)·D")."""
     if iso is None and chinchilla is None:
         raise ValueError("frontier: pass iso= (Approach 2) and/or chinchilla= (Approach 3)")
+    label = flops_label or DEFAULT_FLOPS_LABELS[flops_per_token is not None]
     if budgets is None:
         if iso is not None:
             budgets = iso.budgets
         else:
-            D = chinchilla.inputs["D"]
-            budgets = 6.0 * chinchilla.inputs["N"] * D
+            N, D = chinchilla.inputs["N"], chinchilla.inputs["D"]
+            budgets = (6.0 * N if flops_per_token is None else flops_per_token(N)) * D
     b = np.asarray(budgets, float)
     C = np.geomspace(b.min() / 10.0, b.max() * 10.0, 100)
+    out: dict = {"C": C, "convention": label}
+    if iso is not None:
+        a2 = {"N": iso.N_opt(C), "D": iso.D_opt(C), "N_min": iso.N_min, "D_min": iso.D_min,
+              "budgets": iso.budgets, "a": iso.a, "b": iso.b}
+        if iso_boot is not None:
+            from jscale.laws.uncertainty import percentile_interval
+            s = iso_boot.samples
+            a2["band_C"] = C
+            a2["band_N"] = percentile_interval(s["N_coef"][None, :] * C[:, None] ** s["a"][None, :],
+                                               iso_boot.ci, axis=1)
+            a2["band_D"] = percentile_interval(s["D_coef"][None, :] * C[:, None] ** s["b"][None, :],
+                                               iso_boot.ci, axis=1)
+        out["approach2"] = a2
+    if chinchilla is not None:
+        if flops_per_token is None:
+            N3, D3 = chinchilla.N_opt(C), chinchilla.D_opt(C)
+            a, bb = chinchilla.a, chinchilla.b
+        else:
+            N3, D3 = chinchilla.compute_optimal(C, flops_per_token)
+            a, bb = (float(np.polyfit(np.log(C), np.log(v), 1)[0]) for v in (N3, D3))
+        a3 = {"N": N3, "D": D3, "a": a, "b": bb, "label": f"Approach 3 ({label})"}
+        if chinchilla_boot is not None:
+            from jscale.laws.uncertainty import allocation_samples, percentile_interval
+            Cb = C if flops_per_token is None else np.geomspace(C[0], C[-1], BAND_POINTS)
+            Nb, Db = allocation_samples(chinchilla_boot.samples, Cb, flops_per_token)
+            a3["band_C"] = Cb
+            a3["band_N"] = percentile_interval(Nb, chinchilla_boot.ci, axis=1)
+            a3["band_D"] = percentile_interval(Db, chinchilla_boot.ci, axis=1)
+            a3["ci"] = chinchilla_boot.ci
+        out["approach3"] = a3
+    return out
+
+
+def frontier(path: str | os.PathLike, *, iso=None, iso_boot=None, chinchilla=None,
+             chinchilla_boot=None, budgets: Sequence[float] | None = None, flops_per_token=None,
+             flops_label: str | None = None, title: str = "Compute-optimal frontier") -> str:
+    """Two panels, N_opt(C) and D_opt(C) against training FLOPs C (log-log): Approach 2's per-budget
+    minima and fitted power laws (``iso``, bands from ``iso_boot``) and Approach 3's allocation
+    (``chinchilla``, bands from ``chinchilla_boot``), all in one FLOP convention: that of
+    ``flops_per_token`` (pass the runs' own, :func:`jscale.laws.report.runs_flops_per_token`, when
+    ``iso`` comes from an IsoFLOP sweep — its budgets are ``flops_per_token(N)·D``), or ``C = 6ND``
+    when None. The axis and legend name the convention (``flops_label``). ``budgets`` sets the C
+    range (default: the data's budgets extended 10× on each side). See :func:`frontier_data`."""
+    data = frontier_data(iso=iso, iso_boot=iso_boot, chinchilla=chinchilla,
+                         chinchilla_boot=chinchilla_boot, budgets=budgets,
+                         flops_per_token=flops_per_token, flops_label=flops_label)
+    C, label = data["C"], data["convention"]
     fig, axes = _new(2)
     for ax, what in zip(axes, ("N", "D"), strict=True):
-        if iso is not None:
-            pts = iso.N_min if what == "N" else iso.D_min
-            ax.scatter(iso.budgets, pts, color="C0", zorder=3, label="Approach 2: IsoFLOP minima")
-            fn = iso.N_opt if what == "N" else iso.D_opt
-            expo = iso.a if what == "N" else iso.b
-            ax.plot(C, fn(C), color="C0", label=f"Approach 2: $\\propto C^{{{expo:.3f}}}$")
-            if iso_boot is not None:
-                s = iso_boot.samples
-                coef, ex = (s["N_coef"], s["a"]) if what == "N" else (s["D_coef"], s["b"])
-                from jscale.laws.uncertainty import percentile_interval
-                band = percentile_interval(coef[None, :] * C[:, None] ** ex[None, :],
-                                           iso_boot.ci, axis=1)
-                ax.fill_between(C, band[:, 0], band[:, 1], color="C0", alpha=0.2,
+        a2 = data.get("approach2")
+        if a2 is not None:
+            pts = a2["N_min"] if what == "N" else a2["D_min"]
+            ax.scatter(a2["budgets"], pts, color="C0", zorder=3,
+                       label="Approach 2: IsoFLOP minima")
+            expo = a2["a"] if what == "N" else a2["b"]
+            ax.plot(C, a2[what], color="C0", label=f"Approach 2: $\\propto C^{{{expo:.3f}}}$")
+            if "band_C" in a2:
+                band = a2["band_" + what]
+                ax.fill_between(a2["band_C"], band[:, 0], band[:, 1], color="C0", alpha=0.2,
                                 label=f"Approach 2: {iso_boot.ci:.0%} bootstrap")
-        if chinchilla is not None:
-            fn = chinchilla.N_opt if what == "N" else chinchilla.D_opt
-            expo = chinchilla.a if what == "N" else chinchilla.b
-            ax.plot(C, fn(C), color="C3", ls="--",
-                    label=f"Approach 3 (C = 6ND): $\\propto C^{{{expo:.3f}}}$")
-            if chinchilla_boot is not None:
-                bands = _chinchilla_band(chinchilla_boot, C)
-                band = bands[0] if what == "N" else bands[1]
-                ax.fill_between(C, band[:, 0], band[:, 1], color="C3", alpha=0.15,
-                                label=f"Approach 3: {chinchilla_boot.ci:.0%} bootstrap")
+        a3 = data.get("approach3")
+        if a3 is not None:
+            expo = a3["a"] if what == "N" else a3["b"]
+            approx = "\\propto" if flops_per_token is None else "\\approx"
+            ax.plot(C, a3[what], color="C3", ls="--",
+                    label=f"{a3['label']}: ${approx} C^{{{expo:.3f}}}$")
+            if "band_C" in a3:
+                band = a3["band_" + what]
+                ax.fill_between(a3["band_C"], band[:, 0], band[:, 1], color="C3", alpha=0.15,
+                                label=f"Approach 3: {a3['ci']:.0%} bootstrap")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("training compute C (FLOPs)")
+        ax.set_xlabel(f"training compute C (FLOPs; {label})")
         ax.set_ylabel("compute-optimal parameters $N_{opt}$" if what == "N"
                       else "compute-optimal tokens $D_{opt}$")
         ax.legend(fontsize=8, loc="upper left")

@@ -9,13 +9,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 import tolerances as tol
 from scipy.optimize import minimize
 
 from jscale import laws
 from jscale.cli import main as cli_main
-from jscale.laws import forms, optimize, published
+from jscale.laws import forms, optimize, published, report
 from jscale.sweep.store import ResultsStore
 
 EPOCH = dict(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)
@@ -23,6 +24,14 @@ EPOCH_RERUN_AB = (478.0, 2143.0)
 PARSCALE = {"stack_v2_python": dict(E=0.691, A=1.13e7, alpha=0.189, k=0.393, r2=0.998),
             "pile": dict(E=1.289, A=1.97e8, alpha=0.196, k=0.334, r2=0.9987)}
 TRUE = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)   # Hoffmann et al.'s fit
+#: The cpu IsoFLOP grid of experiments/isoflop.py (3 budgets × 5 sizes) as it was when the bootstrap
+#: was fixed: (non-embedding parameters, tokens) per run — fixed numbers, the grid will change.
+CPU_GRID_ND = [(13408, 650240), (26784, 387072), (49344, 226304), (107808, 115712), (215520, 63488),
+               (13408, 1950720), (26784, 1161216), (49344, 677888), (107808, 346112),
+               (215520, 189440), (13408, 6502400), (26784, 3872768), (49344, 2258944),
+               (107808, 1154048), (215520, 630784)]
+#: A law whose 15 noisy runs on that grid leave E poorly determined (the full fit takes E → 0).
+TOY = dict(E=0.8, A=30.0, B=200.0, alpha=0.3, beta=0.3)
 
 
 def _huber(r, d=laws.HUBER_DELTA):
@@ -64,6 +73,13 @@ def parscale_fits():
         d = published.parscale(name)
         out[name] = (d, laws.fit_parscale(d["N"], d["P"], d["loss"]))
     return out
+
+
+@pytest.fixture(scope="module")
+def toy_fit():
+    N, D = (np.array(v, float) for v in zip(*CPU_GRID_ND, strict=True))
+    rng = np.random.default_rng(0)
+    return laws.fit_chinchilla(N, D, laws.chinchilla(TOY, N, D) * np.exp(rng.normal(0, 0.01, N.size)))
 
 
 def _synthetic_chinchilla(seed=0, n=240, noise=0.003):
@@ -297,15 +313,63 @@ def TRUE_N_OPT(C):
 
 def test_bootstrap_intervals(epoch_fit):
     b = laws.bootstrap(epoch_fit, 100, seed=0, budgets=[1e21, 1e23])
-    assert b.n == 100 and b.n_failed == 0
+    assert b.n == 100 and b.n_failed == 0 and b.flops_convention == "6ND"
     for k, (lo, hi) in b.intervals.items():
         assert lo < epoch_fit.params[k] < hi, k
         assert b.samples[k].shape == (100,)
     assert b.N_opt.shape == (2, 2) and np.all(b.N_opt[:, 0] < epoch_fit.N_opt([1e21, 1e23]))
     assert np.all(epoch_fit.N_opt([1e21, 1e23]) < b.N_opt[:, 1])
-    again = laws.bootstrap(epoch_fit, 100, seed=0, budgets=[1e21, 1e23])
-    assert again.intervals == b.intervals                          # seeded: reproducible
     json.dumps(b.to_dict())
+
+    # the same resamples (seeded: reproducible), the allocation under a family's own FLOPs per
+    # token (numeric, like compute_optimal) instead of the 6ND closed form, the convention recorded
+    def fpt(n):
+        return 6.0 * np.asarray(n, float) + 2e9
+    C = [1e21, 1e23]
+    bf = laws.bootstrap(epoch_fit, 100, seed=0, budgets=C, flops_per_token=fpt,
+                        flops_convention="family")
+    assert bf.intervals == b.intervals
+    assert bf.flops_convention == "family" and bf.to_dict()["flops_convention"] == "family"
+    N_f, D_f = epoch_fit.compute_optimal(C, fpt)
+    assert np.all(bf.N_opt[:, 0] < N_f) and np.all(N_f < bf.N_opt[:, 1])
+    assert np.all(bf.D_opt[:, 0] < D_f) and np.all(D_f < bf.D_opt[:, 1])
+    assert np.all(bf.D_opt < b.D_opt)           # more FLOPs per token than 6N: fewer tokens
+    # the vectorised allocation over samples ≡ one sample at a time
+    Ns, Ds = laws.allocation_samples(bf.samples, C, fpt)
+    for i in (0, 17, 99):
+        n_i, d_i = laws.compute_optimal({k: v[i] for k, v in bf.samples.items()}, C, fpt)
+        np.testing.assert_allclose(Ns[:, i], n_i, rtol=1e-12)
+        np.testing.assert_allclose(Ds[:, i], d_i, rtol=1e-12)
+
+
+def test_bootstrap_refits_every_resample_from_a_multistart(toy_fit):
+    """15 runs on the cpu IsoFLOP grid's N and D, 1 % noise: the full fit sits on the E → 0 plateau,
+    where the gradient in e = log E vanishes, but many resamples' own optima have E > 0. Every
+    resample checked reaches the objective of a full 4,500-start refit of it. (Restarted only from
+    the full fit's minima, as before, a quarter of them stayed on the plateau — objective up to 2×
+    higher — and E's interval collapsed to [0, 0], α's to [0.165, 0.33].)"""
+    f = toy_fit
+    assert f.E < 1e-6
+    b = laws.bootstrap(f, 100, seed=0)
+    lo, hi = b.intervals["E"]
+    assert lo < 0.01 and hi > 0.5, (lo, hi)                          # not collapsed to [0, 0]
+    assert b.intervals["alpha"][1] > 0.37, b.intervals["alpha"]           # (plateau-bound: 0.33)
+    N, D, L = f.inputs["N"], f.inputs["D"], f.loss
+    assert b.weights.shape == (100, 15) and np.all(b.weights.sum(1) == 15)
+
+    def objective(i):                       # resample i's objective at its bootstrap parameters
+        p = {k: v[i] for k, v in b.samples.items()}
+        return float(b.weights[i] @ _huber(np.log(L) - np.log(laws.chinchilla(p, N, D))))
+
+    check = [0, 1, 2, 4, int(np.nanargmax(b.samples["E"]))]
+    for i in check:
+        w = b.weights[i].astype(int)
+        full = laws.fit_chinchilla(np.repeat(N, w), np.repeat(D, w), np.repeat(L, w))
+        assert full.n_starts == 4500
+        assert objective(i) == pytest.approx(b.objective[i], rel=1e-9)
+        assert objective(i) <= full.objective * (1 + tol.BOOTSTRAP_VS_FULL_REFIT_RTOL), (
+            i, objective(i), full.objective, b.samples["E"][i], full.E)
+    assert sum(b.samples["E"][i] > 0.05 for i in check) >= 2     # the plateau was left
 
 
 def test_bootstrap_parscale(parscale_fits):
@@ -330,10 +394,74 @@ def test_extrapolation_check():
 
 
 # ---------------------------------------------------------------------------------------------------
+# from a results table: loss column, N convention, stale rows
+
+
+def _table(**extra):
+    """Four sweep rows as jscale.sweep.load returns them (eval and train losses differ)."""
+    rows = pd.DataFrame({
+        "run_id": ["a", "b", "c", "d"], "status": ["ok"] * 4, "diverged": [False] * 4,
+        "n_params": [3000.0, 5000.0, 9000.0, 17000.0],
+        "n_params_non_embedding": [1000.0, 2000.0, 4000.0, 8000.0],
+        "model.vocab_size": [100] * 4, "model.d_model": [10, 15, 25, 45], "tokens": [1e6] * 4,
+        "flops_per_token": [1e4, 2e4, 4e4, 8e4], "budget": [1e10] * 4,
+        "final_eval_loss": [4.0, 3.5, 3.2, 3.1], "final_train_loss": [3.9, 3.4, 3.0, 2.8]})
+    for k, v in extra.items():
+        rows[k] = v
+    return rows
+
+
+def test_usable_runs_fits_the_eval_loss_unless_told():
+    runs = report.usable_runs(_table())
+    assert runs["loss"].tolist() == [4.0, 3.5, 3.2, 3.1] and set(runs["loss_column"]) == {
+        "final_eval_loss"}
+    train = report.usable_runs(_table(), loss="final_train_loss")
+    assert train["loss"].tolist() == [3.9, 3.4, 3.0, 2.8]
+    # no eval loss: an error that says how to fit the training loss, not a silent fallback
+    with pytest.raises(report.FitInputError, match="final_train_loss"):
+        report.usable_runs(_table(final_eval_loss=[None] * 4))
+    with pytest.raises(report.FitInputError, match="final_train_loss"):
+        report.usable_runs(_table().drop(columns="final_eval_loss"))
+
+
+def test_usable_runs_n_conventions():
+    t = _table()
+    assert report.usable_runs(t)["N"].tolist() == [1000, 2000, 4000, 8000]
+    assert report.usable_runs(t, n_params="total")["N"].tolist() == [3000, 5000, 9000, 17000]
+    head = [1000 + 100 * 10, 2000 + 100 * 15, 4000 + 100 * 25, 8000 + 100 * 45]
+    assert report.usable_runs(t, n_params="with_head")["N"].tolist() == head     # computed
+    t["n_params_with_head"] = [1.0, 2.0, None, 4.0]         # the sweep's column wins where present
+    assert report.usable_runs(t, n_params="with_head")["N"].tolist() == [1, 2, head[2], 4]
+    with pytest.raises(report.FitInputError, match="with_head"):
+        report.usable_runs(_table().drop(columns="model.d_model"), n_params="with_head")
+    with pytest.raises(report.FitInputError, match="n_params"):
+        report.usable_runs(t, n_params="embedding")
+    # the runs' own FLOPs per token, as a function of N in the same convention
+    runs = report.usable_runs(_table(), n_params="with_head")
+    fpt = report.runs_flops_per_token(runs)
+    np.testing.assert_allclose(fpt(runs["N"].to_numpy()), runs["flops_per_token"], rtol=1e-12)
+    with pytest.raises(report.FitInputError, match="flops_per_token"):
+        report.runs_flops_per_token(runs.drop(columns="flops_per_token"))
+
+
+def test_usable_runs_leaves_out_stale_rows():
+    t = _table(in_latest_grid=[True, False, None, False])   # None: a row from before the column
+    with pytest.warns(UserWarning, match="excluded 2 run"):
+        runs = report.usable_runs(t)
+    assert runs["run_id"].tolist() == ["a", "c"] and runs.attrs["n_stale_excluded"] == 2
+    kept = report.usable_runs(t, include_stale=True)
+    assert kept["run_id"].tolist() == ["a", "b", "c", "d"] and kept.attrs["n_stale_excluded"] == 0
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(report.usable_runs(_table())) == 4             # no column: every row current
+
+
+# ---------------------------------------------------------------------------------------------------
 # jscale fit
 
 
-def _results_dir(path, n_budgets=8, n_sizes=30, seed=0):
+def _results_dir(path, n_budgets=8, n_sizes=30, seed=0, n_stale=0):
     """A sweep results table (as jscale.sweep writes it) for an IsoFLOP grid of a known law."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -346,37 +474,60 @@ def _results_dir(path, n_budgets=8, n_sizes=30, seed=0):
             rows.append(dict(run_id=f"{C:.3g}-{i}", status="ok", error=None,
                              n_params=n + 2 * 257 * 64, n_params_non_embedding=n, tokens=d,
                              flops=fpt * d, flops_per_token=fpt, budget=float(C),
-                             final_eval_loss=loss, final_train_loss=loss, diverged=False))
+                             final_eval_loss=loss, final_train_loss=loss * 0.98, diverged=False,
+                             **{"model.vocab_size": 257, "model.d_model": 64}))
     rows.append(dict(run_id="failed", status="failed", error="config: impossible"))
     rows.append(dict(run_id="diverged", status="ok", error=None, n_params=1e6,
                      n_params_non_embedding=1e6, tokens=1e6, flops=6e12, flops_per_token=6e6,
                      budget=1e15, final_eval_loss=None, final_train_loss=float("nan"),
                      diverged=True))
-    ResultsStore(path).commit(rows)
+    store = ResultsStore(path)
+    store.set_grid([r["run_id"] for r in rows])
+    # rows of runs since edited out of the grid (in_latest_grid == False): wildly off the law
+    store.commit(rows + [dict(rows[j], run_id=f"stale-{j}", final_eval_loss=9.0)
+                         for j in range(n_stale)])
     return path
 
 
 def test_cli_fit_chinchilla_writes_json_and_plots(tmp_path, capsys):
-    d = _results_dir(tmp_path / "sweep")
+    d = _results_dir(tmp_path / "sweep", n_stale=3)
     assert cli_main(["fit", str(d), "--bootstrap", "50"]) == 0
     out = capsys.readouterr().out
-    assert "240 usable runs of 242" in out and "compute-optimal" in out and "alpha" in out
+    assert "240 usable runs of 245" in out and "compute-optimal" in out and "alpha" in out
+    assert "excluded 3 run(s) not in the sweep's latest grid" in out
+    assert "loss = final_eval_loss" in out
+    # the allocation says its convention: the runs' own FLOPs per token, 6ND as a labelled secondary
+    assert "C = flops_per_token(N)·D, the runs' own" in out and "N_opt 6ND" in out
     summary = json.loads((d / "fit.json").read_text())
     assert summary["law"] == "chinchilla" and summary["fit"]["n_points"] == 240
+    assert summary["loss_column"] == "final_eval_loss" and summary["n_stale_excluded"] == 3
+    assert summary["flops_convention"]["name"] == "runs_flops_per_token"
     assert summary["bootstrap"]["n"] == 50
+    assert summary["bootstrap"]["flops_convention"] == "runs_flops_per_token"
     row = summary["compute_optimal"][0]
-    assert {"C", "N_opt", "D_opt", "N_opt_interval", "N_opt_numeric"} <= set(row)
+    assert {"C", "flops_convention", "N_opt", "D_opt", "N_opt_interval", "D_opt_interval",
+            "N_opt_6ND", "D_opt_6ND"} <= set(row)
+    assert row["flops_convention"] == "runs_flops_per_token"
+    # under the runs' FLOPs (6N + a head share) C = flops_per_token(N_opt)·D_opt, not 6·N_opt·D_opt
+    fpt = 6.0 * row["N_opt"] + 6.0 * 64 * 257
+    assert fpt * row["D_opt"] == pytest.approx(row["C"], rel=1e-3)
+    assert row["D_opt"] < row["D_opt_6ND"]
+    assert row["N_opt_interval"][0] <= row["N_opt"] <= row["N_opt_interval"][1]
     for name in ("fit_vs_observed.png", "isoflop.png", "frontier.png"):
         assert (d / name).stat().st_size > 20_000, name
     assert summary["fit"]["params"]["alpha"] == pytest.approx(TRUE["alpha"], abs=0.05)
 
 
 def test_cli_fit_isoflop_and_errors(tmp_path, capsys):
-    d = _results_dir(tmp_path / "sweep", n_budgets=3, n_sizes=7)
-    assert cli_main(["fit", str(d), "--law", "isoflop", "--bootstrap", "0"]) == 0
+    d = _results_dir(tmp_path / "sweep", n_budgets=3, n_sizes=7, n_stale=2)
+    assert cli_main(["fit", str(d), "--law", "isoflop", "--bootstrap", "0", "--n-params",
+                     "with_head", "--loss", "final_train_loss", "--include-stale"]) == 0
     summary = json.loads((d / "fit.json").read_text())
     a = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
     assert summary["fit"]["a"] == pytest.approx(a, abs=0.05) and "bootstrap" not in summary
+    assert summary["n_params"] == "with_head" and summary["loss_column"] == "final_train_loss"
+    assert summary["n_runs"] == 23 and summary["n_stale_excluded"] == 0      # stale rows kept
+    assert summary["compute_optimal"][0]["flops_convention"] == "runs_flops_per_token"
     assert (d / "isoflop.png").stat().st_size > 20_000
     capsys.readouterr()
     assert cli_main(["fit", str(tmp_path / "nowhere")]) == 2

@@ -8,7 +8,9 @@
   optimised at once by a vectorised fixed-iteration damped Newton method.
 * Allocation: :class:`ChinchillaFit` ``.N_opt(C)``, ``.D_opt(C)``, ``.compute_optimal(C, fpt)``;
   Approach 2 :func:`fit_isoflop`.
-* Uncertainty and checks: :func:`bootstrap`, :func:`bootstrap_isoflop`, :func:`extrapolation_check`.
+* Uncertainty and checks: :func:`bootstrap` (every resample refitted from its own multistart;
+  allocation intervals under 6ND or a FLOPs-per-token function), :func:`bootstrap_isoflop`,
+  :func:`extrapolation_check`.
 * Published data to reproduce: :mod:`jscale.laws.published`.
 """
 
@@ -50,17 +52,21 @@ from jscale.laws.forms import (
 from jscale.laws.optimize import Stage, huber
 from jscale.laws.uncertainty import (
     BOOTSTRAP_RESAMPLES,
+    FLOPS_PER_TOKEN,
+    SIX_ND,
     Bootstrap,
     Extrapolation,
+    allocation_samples,
     bootstrap,
     extrapolation_check,
     percentile_interval,
 )
 
 __all__ = [
-    "BOOTSTRAP_RESAMPLES", "CHINCHILLA", "CHINCHILLA_GRID", "HUBER_DELTA", "LAWS", "PARSCALE",
-    "PARSCALE_GRID", "POWER_LAW", "Bootstrap", "ChinchillaFit", "Extrapolation", "FitResult",
-    "IsoFlopBootstrap", "IsoFlopFit", "Law", "Stage", "bootstrap", "bootstrap_isoflop",
+    "BOOTSTRAP_RESAMPLES", "CHINCHILLA", "CHINCHILLA_GRID", "FLOPS_PER_TOKEN", "HUBER_DELTA", "LAWS",
+    "PARSCALE", "PARSCALE_GRID", "POWER_LAW", "SIX_ND", "Bootstrap", "ChinchillaFit", "Extrapolation",
+    "FitResult", "IsoFlopBootstrap", "IsoFlopFit", "Law", "Stage", "allocation_samples", "bootstrap",
+    "bootstrap_isoflop",
     "chinchilla", "closed_form_n_opt", "compute_optimal", "default_stages", "extrapolation_check",
     "family_flops_per_token", "fit", "fit_chinchilla", "fit_isoflop", "fit_parscale",
     "fit_power_law", "grid_points", "huber", "interpolated_flops_per_token", "parscale",

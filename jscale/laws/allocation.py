@@ -31,15 +31,24 @@ def closed_form_n_opt(params: Mapping[str, Any], C) -> np.ndarray:
     return G * (np.asarray(C, float) / 6.0) ** (beta / (alpha + beta))
 
 
-def compute_optimal(params: Mapping[str, float], C, flops_per_token: Callable | None = None
+def compute_optimal(params: Mapping[str, Any], C, flops_per_token: Callable | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
     """``(N_opt, D_opt)`` minimising ``E + A/N^α + B/D^β`` at training FLOPs ``C`` with
     ``D = C / flops_per_token(N)``; ``flops_per_token`` maps an array of parameter counts to training
-    FLOPs per token (``None``: ``6N``). Vectorised over ``C``; the result is on a grid of spacing
-    ``2·BRACKET_DECADES / (GRID_POINTS − 1) / 6^REFINES`` decades (≈ 1e-4)."""
+    FLOPs per token (``None``: ``6N``). Vectorised: ``C`` and the parameters (scalars, or arrays such
+    as bootstrap samples) broadcast together; NaN parameters give NaN. The result is on a grid of
+    spacing ``2·BRACKET_DECADES / (GRID_POINTS − 1) / 6^REFINES`` decades (≈ 1e-4)."""
     C = np.asarray(C, float)
+    keys = ("E", "A", "B", "alpha", "beta")
+    shape = np.broadcast_shapes(C.shape, *(np.shape(params[k]) for k in keys))
+    p = {k: np.broadcast_to(np.asarray(params[k], float), shape).ravel() for k in keys}
+    Cf = np.broadcast_to(C, shape).ravel()
     fpt = flops_per_token or (lambda N: 6.0 * np.asarray(N, float))
-    center = np.log10(closed_form_n_opt(params, C.ravel()))                          # (B,)
+    with np.errstate(all="ignore"):
+        center = np.log10(closed_form_n_opt(p, Cf))                                  # (S,)
+    valid = np.isfinite(center) & np.all([np.isfinite(v) for v in p.values()], axis=0)
+    center = np.where(valid, center, 0.0)
+    q = {k: np.where(valid, v, 1.0)[:, None] for k, v in p.items()}
     half = np.full_like(center, BRACKET_DECADES)
     for _ in range(REFINES + 1):
         logN = center[:, None] + np.linspace(-1.0, 1.0, GRID_POINTS)[None, :] * half[:, None]
@@ -47,13 +56,14 @@ def compute_optimal(params: Mapping[str, float], C, flops_per_token: Callable | 
         per_token = np.asarray(fpt(N.ravel()), float).reshape(N.shape)
         if np.any(~np.isfinite(per_token)) or np.any(per_token <= 0):
             raise ValueError("flops_per_token: must return finite, positive FLOPs per token")
-        L = _chinchilla_loss(params, N, C.ravel()[:, None] / per_token)
+        L = _chinchilla_loss(q, N, Cf[:, None] / per_token)
         i = np.argmin(L, axis=1)
         center = logN[np.arange(len(center)), i]
         half = half / 6.0
     N_opt = 10.0 ** center
-    D_opt = C.ravel() / np.asarray(fpt(N_opt), float)
-    return N_opt.reshape(C.shape), D_opt.reshape(C.shape)
+    D_opt = Cf / np.asarray(fpt(N_opt), float)
+    N_opt[~valid], D_opt[~valid] = np.nan, np.nan
+    return N_opt.reshape(shape), D_opt.reshape(shape)
 
 
 def interpolated_flops_per_token(n_params: Sequence[float], flops_per_token: Sequence[float]

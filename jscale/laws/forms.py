@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -64,6 +65,11 @@ class Law:
     * ``lse``: optional structure for the fast path: ``lse(inputs) -> (G_KNP, h_KN)`` when
       ``log_predict = LSE_k(G_k·theta + h_k)`` is a log-sum-exp of terms linear in ``theta`` (the
       fitter then computes exact gradients and Hessians in closed form, as matrix products).
+    * ``strata``: optional ``strata(theta_SP, loss_N) -> labels_S`` (integers): bins of parameter
+      space along which the fit is poorly identified — the bootstrap refits each resample from the
+      best candidate starts of every bin, so that a resample whose optimum lies in another bin than
+      the full fit's still finds it (for Chinchilla: E as a fraction of the smallest loss; the
+      ``E → 0`` plateau of the ``e = log E`` parametrisation is flat, so a start on it never leaves).
     """
 
     name: str
@@ -75,6 +81,7 @@ class Law:
     grid: Mapping[str, Sequence[float]] | None = None
     lse: Callable[[Mapping[str, Array]], tuple[Array, Array]] | None = None
     formula: str = ""
+    strata: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
     def __post_init__(self):
         if len(set(self.params)) != len(self.params) or not self.params:
@@ -165,15 +172,33 @@ def _chinchilla_lse(x):
     return G, np.zeros((3, n))
 
 
+#: Bootstrap strata of laws with an irreducible term ``E = exp(e)``: bin edges of E as a fraction of
+#: the smallest observed loss (E → 0 falls in the first bin, E near the loss floor in the last).
+E_STRATA = (0.001, 0.01, 0.1, 0.25, 0.45, 0.7)
+
+
+def _e_strata(index: int):
+    def strata(theta: np.ndarray, loss: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            frac = np.exp(np.asarray(theta, float)[:, index]) / np.min(loss)
+        return np.digitize(frac, E_STRATA)
+    return strata
+
+
 def _exp_abe(theta):
     return {"E": jnp.exp(theta["e"]), "A": jnp.exp(theta["a"]), "B": jnp.exp(theta["b"]),
             "alpha": theta["alpha"], "beta": theta["beta"]}
 
 
+#: Lower bound of ``e = log E`` in the log-sum-exp laws: ``E ≥ 1e-30`` is zero next to any loss, and
+#: keeps a fit on the ``E → 0`` plateau finite (each step along it would otherwise run e to −∞).
+LOG_E_MIN = math.log(1e-30)
+
 CHINCHILLA = Law(
     name="chinchilla", inputs=("N", "D"), params=("a", "b", "e", "alpha", "beta"),
+    bounds={"e": (LOG_E_MIN, np.inf)},
     log_predict=_chinchilla_log, public=_exp_abe, grid=CHINCHILLA_GRID, lse=_chinchilla_lse,
-    formula="L = E + A/N^alpha + B/D^beta")
+    formula="L = E + A/N^alpha + B/D^beta", strata=_e_strata(2))
 
 #: Grid for the single power law with offset (the Chinchilla grid restricted to its terms).
 POWER_LAW_GRID = {"a": CHINCHILLA_GRID["a"], "e": CHINCHILLA_GRID["e"],
@@ -195,8 +220,9 @@ def _power_lse(x):
 
 POWER_LAW = Law(
     name="power_law", inputs=("x",), params=("a", "e", "alpha"), log_predict=_power_log,
+    bounds={"e": (LOG_E_MIN, np.inf)},
     public=lambda t: {"E": jnp.exp(t["e"]), "A": jnp.exp(t["a"]), "alpha": t["alpha"]},
-    grid=POWER_LAW_GRID, lse=_power_lse, formula="L = E + A/x^alpha")
+    grid=POWER_LAW_GRID, lse=_power_lse, formula="L = E + A/x^alpha", strata=_e_strata(1))
 
 #: ParScale's ``parametric_fit.py`` fits A in units of 1e9 (``A·1e9 / (N·(k·ln P + 1))``).
 PARSCALE_A_UNIT = 1e9

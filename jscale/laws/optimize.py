@@ -1,17 +1,18 @@
 """Many-start robust fitting: a fixed-iteration Levenberg–Marquardt / Newton minimiser of the Huber
 loss on log residuals, vectorised over all starting points at once.
 
-Why not L-BFGS under ``vmap``: its line search is a data-dependent while loop, and under ``vmap`` every
-start waits for the slowest one. A scaling law has a handful of parameters, so curvature matrices are
-tiny. Each iteration computes, per start, the gradient ``g``, the Gauss–Newton matrix of the Huber
-loss's iteratively-reweighted least-squares majoriser ``H_gn = Σ_n w_n q_n q_nᵀ`` (``q_n = ∇ log L̂_n``,
-``w_n = ρ'(r_n)/r_n``: 1 inside δ, δ/|r| outside; positive semi-definite, so damped steps always
-descend) and the exact Hessian ``H``; it then tries a fixed ladder of damped steps
-``(H_gn + μ·diag H_gn) s = −g`` plus the undamped Newton step ``H s = −g`` (which converges
+Why not L-BFGS under ``vmap``: its line search is a data-dependent while loop, and under ``vmap``
+every start waits for the slowest one. A scaling law has a handful of parameters, so curvature
+matrices are tiny. Each iteration computes, per start, the gradient ``g``, the Gauss–Newton matrix
+of the Huber loss's iteratively-reweighted least-squares majoriser ``H_gn = Σ_n w_n q_n q_nᵀ``
+(``q_n = ∇ log L̂_n``, ``w_n = ρ'(r_n)/r_n``: 1 inside δ, δ/|r| outside; positive semi-definite, so
+damped steps always descend) and the exact Hessian ``H``; it then tries a fixed ladder of damped
+steps ``(H_gn + μ·diag H_gn) s = −g`` plus the undamped Newton step ``H s = −g`` (which converges
 quadratically at the end), evaluates the objective at all of them — cheap next to the derivatives —
-and keeps the best if it lowers the objective. No while loops: every start runs the same
-straight-line program. Box bounds are handled by projection, with coordinates at a bound whose
-gradient points outwards frozen for the step (projected Newton).
+and keeps the best if it lowers the objective; a stage with ``extrapolate`` also tries 2, 4 and 8
+times that step (a damped step along a flat valley of the Huber loss is short). No while loops:
+every start runs the same straight-line program. Box bounds are handled by projection, with
+coordinates at a bound whose gradient points outwards frozen for the step (projected Newton).
 
 Derivatives: a law that declares its log-sum-exp structure (``Law.lse``: Chinchilla, the single
 power law) gets them in closed form as matrix products; any other law by JAX autodiff.
@@ -41,6 +42,10 @@ LADDER = (0.0, 1e-3, 1e-1, 1e1, 1e3)
 MU_INIT, MU_MIN, MU_MAX = 1.0, 1e-12, 1e20
 #: After an iteration where no ladder value lowered the objective, μ is multiplied by this.
 MU_REJECT_FACTOR = 1e5
+#: With ``Stage.extrapolate``: multiples of each iteration's best step also tried (the damped step
+#: of a Huber objective along a flat valley is short: without them, crossing one took ~100
+#: iterations on the degenerate data of tests/test_laws.py, with them a few).
+EXTRAPOLATE = (2.0, 4.0, 8.0)
 #: Starts are processed in chunks of this many (keeps the per-chunk working set in cache on CPU).
 CHUNK = 64
 
@@ -181,9 +186,10 @@ def _solve_small(A, b):
     return jax.lax.fori_loop(0, P, body, (A, b))[1]
 
 
-def _iterate(obj: Objective, data, theta, fval, mu, w, lower, upper, iters):
+def _iterate(obj: Objective, data, theta, fval, mu, w, lower, upper, iters, extrapolate):
     """``iters`` iterations for a chunk of starts (``theta_SP``, ``fval_S``, ``mu_S``, ``w_SN``);
-    returns the updated ``(theta, fval, mu)``."""
+    returns the updated ``(theta, fval, mu)``. ``extrapolate`` (a traced boolean): also try
+    EXTRAPOLATE multiples of each iteration's best step."""
     dtype = theta.dtype
     S, P = theta.shape
     ladder = jnp.asarray(LADDER, dtype)
@@ -216,6 +222,22 @@ def _iterate(obj: Objective, data, theta, fval, mu, w, lower, upper, iters):
         f_best = jnp.min(fc, axis=1)
         ok = f_best < fval
         pick = jnp.take_along_axis(cand, best[:, None, None], axis=1)[:, 0]
+
+        def longer(args):
+            # longer steps along the chosen direction: flat valleys are crossed in a few iterations
+            pick, f_best = args
+            ext = jnp.asarray(EXTRAPOLATE, dtype)
+            Le = ext.shape[0]
+            cand_e = jnp.clip(theta[:, None, :] + ext[None, :, None] * (pick - theta)[:, None, :],
+                              lower, upper)
+            fe = obj.f(cand_e.reshape(S * Le, P), jnp.repeat(w, Le, axis=0), data).reshape(S, Le)
+            fe = jnp.where(jnp.isfinite(fe), fe, jnp.inf)
+            use = jnp.min(fe, axis=1) < f_best
+            best_e = jnp.take_along_axis(cand_e, jnp.argmin(fe, axis=1)[:, None, None], axis=1)[:, 0]
+            return (jnp.where(use[:, None], best_e, pick),
+                    jnp.where(use, jnp.min(fe, axis=1), f_best))
+
+        pick, f_best = jax.lax.cond(extrapolate, longer, lambda args: args, (pick, f_best))
         theta = jnp.where(ok[:, None], pick, theta)
         fval = jnp.where(ok, f_best, fval)
         mus = jnp.concatenate([mus, jnp.zeros((S, 1), dtype)], axis=1)
@@ -232,11 +254,11 @@ def _chunk_program(obj: Objective):
     iterations on it; one compiled program per (objective, dtype, data shape) serves every stage,
     fit and bootstrap resample of that shape."""
 
-    def program(theta, mu, w, data, lower, upper, iters):
+    def program(theta, mu, w, data, lower, upper, iters, extrapolate):
         theta = jnp.clip(theta, lower, upper)
         fval = obj.f(theta, w, data)
         fval = jnp.where(jnp.isfinite(fval), fval, jnp.inf)
-        return _iterate(obj, data, theta, fval, mu, w, lower, upper, iters)
+        return _iterate(obj, data, theta, fval, mu, w, lower, upper, iters, extrapolate)
 
     return jax.jit(program)
 
@@ -261,11 +283,14 @@ def _over_chunks(fn, arrays: tuple[np.ndarray, ...], *rest):
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One stage of a multistart run: keep the ``keep`` best starts so far (all if None) and run
-    ``iters`` iterations on them in ``dtype`` ("float32" or "float64")."""
+    ``iters`` iterations on them in ``dtype`` ("float32" or "float64"); with ``extrapolate`` each
+    iteration also tries longer steps along its best one (:data:`EXTRAPOLATE`: a few more objective
+    evaluations per iteration, far fewer iterations along flat valleys)."""
 
     keep: int | None
     iters: int
     dtype: str = "float64"
+    extrapolate: bool = True
 
     def __post_init__(self):
         if self.keep is not None and self.keep < 1:
@@ -276,30 +301,52 @@ class Stage:
             raise ValueError(f"Stage.dtype: must be 'float32' or 'float64' (got {self.dtype!r})")
 
 
+def _keep_best(fval: np.ndarray, keep: int, groups: np.ndarray | None) -> np.ndarray:
+    """Indices of the ``keep`` lowest ``fval`` (ties: first), overall or within each group."""
+    if groups is None:
+        return np.argsort(fval, kind="stable")[:keep]
+    order = np.lexsort((np.arange(fval.size), fval, groups))          # by group, then by fval
+    g = groups[order]
+    first = np.searchsorted(g, g, side="left")                        # g is sorted
+    return np.sort(order[np.arange(order.size) - first < keep])
+
+
 def run_stages(obj: Objective, datas: dict, starts: np.ndarray, w: np.ndarray, lower: np.ndarray,
-               upper: np.ndarray, stages: tuple[Stage, ...]):
+               upper: np.ndarray, stages: tuple[Stage, ...], *, groups: np.ndarray | None = None,
+               trace: list | None = None):
     """Run ``stages`` from ``starts_SP`` with point weights ``w_SN``; ``datas[dtype]`` is the data
     pytree in each dtype used. Returns numpy float64 ``(theta_S'P, fval_S', index_S')`` for the
-    starts that reached the last stage (``index`` into ``starts``). Call with x64 enabled."""
+    starts that reached the last stage (``index`` into ``starts``). Call with x64 enabled.
+
+    ``groups_S`` (optional, integers): a stage's ``keep`` then applies within each group — e.g. the
+    starts of each bootstrap resample — instead of over all starts. ``trace`` (optional list): each
+    stage appends its ``(theta, fval, index)``."""
     theta = np.clip(np.asarray(starts, np.float64), lower, upper)
     w = np.asarray(w, np.float64)
     index = np.arange(theta.shape[0])
     mu = np.full(theta.shape[0], MU_INIT)
+    groups = None if groups is None else np.asarray(groups)
+    if groups is not None and groups.shape != index.shape:
+        raise ValueError(f"groups: expected one group label per start ({index.size}), "
+                         f"got shape {groups.shape}")
     fval = None
     for st in stages:
         dt = np.dtype(st.dtype)
         args = (datas[st.dtype], jnp.asarray(lower, dt), jnp.asarray(upper, dt))
 
-        def run(theta, mu, w, iters, dt=dt, args=args):
+        def run(theta, mu, w, iters, dt=dt, args=args, ext=st.extrapolate):
             arrays = tuple(a.astype(dt) for a in (theta, mu, w))
-            out = _over_chunks(_chunk_program(obj), arrays, *args, jnp.asarray(iters, jnp.int32))
+            out = _over_chunks(_chunk_program(obj), arrays, *args, jnp.asarray(iters, jnp.int32),
+                               jnp.asarray(bool(ext)))
             return tuple(a.astype(np.float64) for a in out)
 
         if st.keep is not None and st.keep < theta.shape[0]:
             if fval is None:                     # pruning before any iteration: rank the starts
                 _, fval, _ = run(theta, mu, w, 0)
-            top = np.argsort(fval, kind="stable")[: st.keep]
+            top = _keep_best(fval, st.keep, None if groups is None else groups[index])
             theta, mu, w, index = theta[top], mu[top], w[top], index[top]
         # each stage re-evaluates its starts in its own precision before iterating
         theta, fval, mu = run(theta, mu, w, st.iters)
+        if trace is not None:
+            trace.append((theta, fval, index))
     return theta, fval, index

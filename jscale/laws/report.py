@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,43 +18,107 @@ import pandas as pd
 from jscale.laws import allocation, fitting, uncertainty
 
 LAW_CHOICES = ("chinchilla", "isoflop", "parscale")
-#: Loss column fitted, in order of preference.
-LOSS_COLUMNS = ("final_eval_loss", "final_train_loss")
+#: Parameter-count conventions for N: column used (``with_head`` falls back to
+#: ``n_params_non_embedding + model.vocab_size × model.d_model`` where the column is missing).
+N_PARAMS = {"non_embedding": "n_params_non_embedding", "with_head": "n_params_with_head",
+            "total": "n_params"}
+N_PARAMS_TEXT = {"non_embedding": "non-embedding parameters",
+                 "with_head": "non-embedding parameters + the LM head (V × d_model)",
+                 "total": "total parameters"}
+#: Loss column fitted by default: the final validation loss.
+DEFAULT_LOSS = "final_eval_loss"
 #: Column with the number of ParScale streams P.
 STREAMS_COLUMN = "model.n_streams"
+#: Column that marks rows of runs no longer in the sweep's latest grid (missing: all current).
+LATEST_GRID_COLUMN = "in_latest_grid"
+#: FLOP conventions of a compute-optimal allocation: the runs' own training FLOPs per token (the
+#: convention of their IsoFLOP budgets), or the closed form under ``C = 6ND``.
+RUNS_FLOPS = "runs_flops_per_token"
+FLOPS_TEXT = {RUNS_FLOPS: "C = flops_per_token(N)·D, the runs' own training FLOPs per token "
+                          "(jscale's count)",
+              uncertainty.SIX_ND: "C = 6·N·D (closed form)"}
 
 
 class FitInputError(ValueError):
     """The results table cannot be fitted as asked (missing columns, too few usable runs)."""
 
 
-def usable_runs(df: pd.DataFrame, *, n_params: str = "non_embedding") -> pd.DataFrame:
-    """The finished, non-diverged runs with a finite positive loss, as columns ``N`` (parameters:
-    ``n_params_non_embedding`` or ``n_params`` for ``n_params="total"``), ``D`` (tokens), ``loss``,
-    ``budget`` (the IsoFLOP budget, NaN if none), ``flops_per_token`` and the original columns."""
-    if n_params not in ("non_embedding", "total"):
-        raise FitInputError(f"n_params: expected 'non_embedding' or 'total' (got {n_params!r})")
-    ncol = "n_params_non_embedding" if n_params == "non_embedding" else "n_params"
-    loss_col = next((c for c in LOSS_COLUMNS if c in df and df[c].notna().any()), None)
-    missing = [c for c in (ncol, "tokens") if c not in df]
-    if missing or loss_col is None:
-        raise FitInputError(f"results table lacks {missing or list(LOSS_COLUMNS)}: not a jscale "
-                            f"sweep results table")
+def usable_runs(df: pd.DataFrame, *, n_params: str = "non_embedding", loss: str = DEFAULT_LOSS,
+                include_stale: bool = False) -> pd.DataFrame:
+    """The finished, non-diverged runs with a finite positive ``loss`` (default the final eval loss,
+    ``final_eval_loss``; e.g. ``loss="final_train_loss"``), as columns ``N`` (parameters in the
+    convention ``n_params``: ``"non_embedding"``, ``"with_head"`` — non-embedding plus the LM head's
+    ``vocab_size × d_model``, tied or not, as C counts it (Porian et al. 2024) — or ``"total"``),
+    ``D`` (tokens), ``loss``, ``loss_column``, ``budget`` (the IsoFLOP budget, NaN if none) and the
+    original columns.
+
+    Rows with ``in_latest_grid == False`` (runs of an older grid of the sweep) are excluded with a
+    warning unless ``include_stale``; their count is in ``runs.attrs["n_stale_excluded"]``."""
+    if n_params not in N_PARAMS:
+        raise FitInputError(f"n_params: expected one of {list(N_PARAMS)} (got {n_params!r})")
+    if "tokens" not in df or (n_params != "with_head" and N_PARAMS[n_params] not in df):
+        missing = [c for c in ("tokens", N_PARAMS[n_params]) if c not in df]
+        raise FitInputError(f"results table lacks {missing}: not a jscale sweep results table")
+    if loss not in df or not df[loss].notna().any():
+        raise FitInputError(f"loss: the results table has no {loss!r} values"
+                            + (" (runs evaluated? pass loss='final_train_loss' / --loss "
+                               "final_train_loss to fit the training loss)"
+                               if loss != "final_train_loss" else ""))
+    N = _n_params_column(df, n_params)
     ok = pd.Series(True, index=df.index)
     if "status" in df:
         ok &= df["status"].fillna("ok") == "ok"
     if "diverged" in df:
         ok &= ~df["diverged"].fillna(False).astype(bool)
-    loss = pd.to_numeric(df[loss_col], errors="coerce")
-    ok &= np.isfinite(loss) & (loss > 0)
+    y = pd.to_numeric(df[loss], errors="coerce")
+    ok &= np.isfinite(y) & (y > 0) & np.isfinite(N)
+    stale = (df[LATEST_GRID_COLUMN].eq(False) if LATEST_GRID_COLUMN in df
+             else pd.Series(False, index=df.index))
+    n_stale = int((stale & ok).sum()) if not include_stale else 0
+    if n_stale:
+        warnings.warn(f"usable_runs: excluded {n_stale} run(s) not in the sweep's latest grid "
+                      f"({LATEST_GRID_COLUMN} == False); include_stale=True (jscale fit "
+                      f"--include-stale) keeps them", UserWarning, stacklevel=2)
+        ok &= ~stale
     runs = df[ok].copy()
-    runs["N"] = runs[ncol].astype(float)
+    runs["N"] = N[ok].astype(float)
     runs["D"] = runs["tokens"].astype(float)
-    runs["loss"] = loss[ok].astype(float)
-    runs["loss_column"] = loss_col
+    runs["loss"] = y[ok].astype(float)
+    runs["loss_column"] = loss
     budget = runs["budget"] if "budget" in runs else pd.Series(np.nan, index=runs.index)
     runs["budget"] = pd.to_numeric(budget, errors="coerce").astype(float)
+    runs.attrs["n_stale_excluded"] = n_stale
     return runs
+
+
+def _n_params_column(df: pd.DataFrame, n_params: str) -> pd.Series:
+    col = N_PARAMS[n_params]
+    have = (pd.to_numeric(df[col], errors="coerce") if col in df
+            else pd.Series(np.nan, index=df.index, dtype=float))
+    if n_params != "with_head" or have.notna().all():
+        return have.astype(float)
+    parts = ("n_params_non_embedding", "model.vocab_size", "model.d_model")
+    missing = [c for c in parts if c not in df]
+    if missing:
+        raise FitInputError(f"n_params='with_head': the results table has no {col!r} column and "
+                            f"lacks {missing} to compute it")
+    ne, V, d = (pd.to_numeric(df[c], errors="coerce") for c in parts)
+    return have.fillna(ne + V * d).astype(float)
+
+
+def runs_flops_per_token(runs: pd.DataFrame) -> Callable[[np.ndarray], np.ndarray]:
+    """Training FLOPs per token as a function of N, from the runs' own ``(N, flops_per_token)`` pairs
+    (log-log interpolated, extrapolated with the end slopes): the FLOP convention of their budgets,
+    ``C = flops_per_token(N)·D``, in the N convention ``runs`` was made with (:func:`usable_runs`).
+    Pass it to ``ChinchillaFit.compute_optimal(C, fpt)`` and ``laws.bootstrap(...,
+    flops_per_token=fpt)``. Raises :class:`FitInputError` without a ``flops_per_token`` column or with
+    fewer than 2 distinct N."""
+    if "flops_per_token" not in runs or "N" not in runs:
+        raise FitInputError("runs_flops_per_token: needs columns N and flops_per_token "
+                            "(a usable_runs table of a jscale sweep)")
+    if runs["N"].nunique() < 2:
+        raise FitInputError("runs_flops_per_token: needs runs of ≥ 2 distinct sizes N")
+    return allocation.interpolated_flops_per_token(runs["N"], runs["flops_per_token"])
 
 
 def report_budgets(runs: pd.DataFrame) -> np.ndarray:
@@ -67,9 +132,10 @@ def report_budgets(runs: pd.DataFrame) -> np.ndarray:
 
 
 def _fpt_from_runs(runs: pd.DataFrame) -> Callable | None:
-    if "flops_per_token" not in runs or runs["N"].nunique() < 2:
+    try:
+        return runs_flops_per_token(runs)
+    except FitInputError:
         return None
-    return allocation.interpolated_flops_per_token(runs["N"], runs["flops_per_token"])
 
 
 def _fmt_interval(v: float, iv: Sequence[float] | None, fmt: str) -> str:
@@ -79,11 +145,14 @@ def _fmt_interval(v: float, iv: Sequence[float] | None, fmt: str) -> str:
 
 def analyze(df: pd.DataFrame, out_dir: str | os.PathLike, *, law: str = "chinchilla",
             bootstrap: int = uncertainty.BOOTSTRAP_RESAMPLES, n_params: str = "non_embedding",
+            loss: str = DEFAULT_LOSS, include_stale: bool = False,
             streams: str = STREAMS_COLUMN, seed: int = 0, ci: float = 0.95,
             echo: Callable[[str], Any] = print) -> dict[str, Any]:
     """Fit ``law`` ("chinchilla": Approach 3; "isoflop": Approach 2; "parscale") to a sweep's
-    results ``df``, echo a summary (parameters with ``ci`` bootstrap intervals, compute-optimal N
-    and D for a few budgets), and write ``out_dir/fit.json`` and PNG plots. Returns the JSON dict."""
+    results ``df`` (the runs :func:`usable_runs` keeps: ``n_params``, ``loss``, ``include_stale``),
+    echo a summary (parameters with ``ci`` bootstrap intervals, compute-optimal N and D for a few
+    budgets, each table naming its FLOP convention: the runs' own FLOPs per token, with ``C = 6ND``
+    as a labelled secondary), and write ``out_dir/fit.json`` and PNG plots. Returns the JSON dict."""
     from jscale import plots
     if law not in LAW_CHOICES:
         raise FitInputError(f"law: expected one of {LAW_CHOICES} (got {law!r})")
@@ -92,15 +161,20 @@ def analyze(df: pd.DataFrame, out_dir: str | os.PathLike, *, law: str = "chinchi
                             f"(got {bootstrap})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = usable_runs(df, n_params=n_params)
+    with warnings.catch_warnings():                  # the count is echoed below instead
+        warnings.simplefilter("ignore", UserWarning)
+        runs = usable_runs(df, n_params=n_params, loss=loss, include_stale=include_stale)
     if len(runs) == 0:
         raise FitInputError("no usable runs (finished, not diverged, with a finite loss)")
-    summary: dict[str, Any] = {"law": law, "n_runs": int(len(runs)),
-                               "loss_column": str(runs["loss_column"].iloc[0]),
-                               "n_params": n_params, "plots": []}
-    echo(f"{len(runs)} usable runs of {len(df)}; loss = {summary['loss_column']}, "
-         f"N = {'non-embedding' if n_params == 'non_embedding' else 'total'} parameters, "
+    n_stale = runs.attrs.get("n_stale_excluded", 0)
+    summary: dict[str, Any] = {"law": law, "n_runs": int(len(runs)), "loss_column": loss,
+                               "n_params": n_params, "n_stale_excluded": n_stale,
+                               "include_stale": include_stale, "plots": []}
+    echo(f"{len(runs)} usable runs of {len(df)}; loss = {loss}, N = {N_PARAMS_TEXT[n_params]}, "
          f"D = tokens")
+    if n_stale:
+        echo(f"  excluded {n_stale} run(s) not in the sweep's latest grid ({LATEST_GRID_COLUMN} == "
+             f"False; --include-stale keeps them)")
     budgets = report_budgets(runs)
     if law == "parscale":
         summary.update(_parscale(runs, out, streams, bootstrap, seed, ci, echo, plots))
@@ -126,7 +200,12 @@ def _add_opt_interval(row: dict[str, Any], boot, i: int) -> str:
     """Add budget ``i``'s bootstrap intervals of N_opt and D_opt to ``row``; return the table text."""
     row["N_opt_interval"] = boot.N_opt[i].tolist()
     row["D_opt_interval"] = boot.D_opt[i].tolist()
-    return f"   [{boot.N_opt[i][0]:9.3g}, {boot.N_opt[i][1]:9.3g}]"
+    return (f"   [{boot.N_opt[i][0]:9.3g}, {boot.N_opt[i][1]:9.3g}]"
+            f"   [{boot.D_opt[i][0]:9.3g}, {boot.D_opt[i][1]:9.3g}]")
+
+
+def _flops_convention(name: str) -> dict[str, str]:
+    return {"name": name, "description": FLOPS_TEXT[name]}
 
 
 def _echo_params(result, boot, echo) -> None:
@@ -145,28 +224,36 @@ def _chinchilla(runs, out, budgets, n_boot, seed, ci, echo, plots) -> dict[str, 
     if runs["N"].nunique() < 2 or runs["D"].nunique() < 2:
         raise FitInputError("chinchilla: need runs with ≥ 2 distinct model sizes and token counts")
     result = fitting.fit_chinchilla(runs["N"], runs["D"], runs["loss"])
-    boot = (uncertainty.bootstrap(result, n_boot, seed=seed, ci=ci, budgets=budgets)
+    fpt = _fpt_from_runs(runs)
+    conv = RUNS_FLOPS if fpt is not None else uncertainty.SIX_ND
+    boot = (uncertainty.bootstrap(result, n_boot, seed=seed, ci=ci, budgets=budgets,
+                                  flops_per_token=fpt, flops_convention=conv)
             if n_boot else None)
     _echo_params(result, boot, echo)
-    echo(f"  exponents: N_opt ∝ C^{result.a:.4f}, D_opt ∝ C^{result.b:.4f}")
-    fpt = _fpt_from_runs(runs)
-    N_num, D_num = result.compute_optimal(budgets, fpt) if fpt else (None, None)
-    echo("compute-optimal allocation (closed form under C = 6ND"
-         + ("; numeric under the runs' own FLOPs per token" if fpt else "") + "):")
-    head = f"  {'C (FLOPs)':>10s} {'N_opt':>10s} {'D_opt':>10s} {'N_opt interval':>23s}"
-    echo(head + (f" {'N_opt(num)':>10s} {'D_opt(num)':>10s}" if fpt else ""))
+    echo(f"  exponents (under C = 6ND): N_opt ∝ C^{result.a:.4f}, D_opt ∝ C^{result.b:.4f}")
+    N_p, D_p = result.compute_optimal(budgets, fpt) if fpt else (result.N_opt(budgets),
+                                                                   result.D_opt(budgets))
+    echo(f"compute-optimal allocation, {FLOPS_TEXT[conv]}"
+         + (":" if fpt else " (no flops_per_token column):"))
+    if fpt:
+        echo("  (N_opt 6ND, D_opt 6ND: the closed form under C = 6·N·D, for comparison)")
+    head = (f"  {'C (FLOPs)':>10s} {'N_opt':>10s} {'D_opt':>10s} {'N_opt interval':>23s} "
+            f"{'D_opt interval':>23s}")
+    echo(head + (f" {'N_opt 6ND':>10s} {'D_opt 6ND':>10s}" if fpt else ""))
     table = []
     for i, C in enumerate(budgets):
-        N, D = float(result.N_opt(C)), float(result.D_opt(C))
-        row = {"C": float(C), "N_opt": N, "D_opt": D}
-        line = f"  {C:10.3g} {N:10.3g} {D:10.3g}"
-        line += _add_opt_interval(row, boot, i) if boot is not None else " " * 26
+        row = {"C": float(C), "flops_convention": conv, "N_opt": float(N_p[i]),
+               "D_opt": float(D_p[i])}
+        line = f"  {C:10.3g} {N_p[i]:10.3g} {D_p[i]:10.3g}"
+        line += _add_opt_interval(row, boot, i) if boot is not None else " " * 52
         if fpt:
-            row["N_opt_numeric"], row["D_opt_numeric"] = float(N_num[i]), float(D_num[i])
-            line += f" {N_num[i]:10.3g} {D_num[i]:10.3g}"
+            N6, D6 = float(result.N_opt(C)), float(result.D_opt(C))
+            row["N_opt_6ND"], row["D_opt_6ND"] = N6, D6
+            line += f" {N6:10.3g} {D6:10.3g}"
         table.append(row)
         echo(line)
-    res: dict[str, Any] = {"fit": result.to_dict(), "compute_optimal": table}
+    res: dict[str, Any] = {"fit": result.to_dict(), "flops_convention": _flops_convention(conv),
+                           "compute_optimal": table}
     if boot is not None:
         res["bootstrap"] = boot.to_dict()
     res["plots"] = [plots.fit_vs_observed(result, out / "fit_vs_observed.png")]
@@ -174,8 +261,13 @@ def _chinchilla(runs, out, budgets, n_boot, seed, ci, echo, plots) -> dict[str, 
     if iso is not None:
         res["plots"].append(plots.isoflop_curves(iso, out / "isoflop.png", chinchilla=result))
     res["plots"].append(plots.frontier(out / "frontier.png", iso=iso, chinchilla=result,
-                                       chinchilla_boot=boot, budgets=budgets))
+                                       chinchilla_boot=boot, budgets=budgets, flops_per_token=fpt,
+                                       flops_label=_axis_label(conv)))
     return res
+
+
+def _axis_label(conv: str) -> str:
+    return "C = flops_per_token(N)·D, the runs' own" if conv == RUNS_FLOPS else "C = 6ND"
 
 
 def _try_isoflop(runs):
@@ -213,21 +305,27 @@ def _isoflop(runs, out, budgets, n_boot, seed, ci, echo, plots) -> dict[str, Any
     for name, v in (("a", iso.a), ("b", iso.b)):
         iv = boot.intervals[name] if boot is not None else None
         echo(f"  {'N' if name == 'a' else 'D'}_opt ∝ C^{name}: {name} = {_fmt_interval(v, iv, '.4f')}")
-    echo("compute-optimal allocation (Approach 2 power laws):")
-    echo(f"  {'C (FLOPs)':>10s} {'N_opt':>10s} {'D_opt':>10s} {'N_opt interval':>23s}")
+    echo(f"compute-optimal allocation (Approach 2 power laws; the runs' budgets: "
+         f"{FLOPS_TEXT[RUNS_FLOPS]}):")
+    echo(f"  {'C (FLOPs)':>10s} {'N_opt':>10s} {'D_opt':>10s} {'N_opt interval':>23s} "
+         f"{'D_opt interval':>23s}")
     table = []
     for i, C in enumerate(budgets):
-        row = {"C": float(C), "N_opt": float(iso.N_opt(C)), "D_opt": float(iso.D_opt(C))}
+        row = {"C": float(C), "flops_convention": RUNS_FLOPS, "N_opt": float(iso.N_opt(C)),
+               "D_opt": float(iso.D_opt(C))}
         line = f"  {C:10.3g} {row['N_opt']:10.3g} {row['D_opt']:10.3g}"
         if boot is not None:
             line += _add_opt_interval(row, boot, i)
         table.append(row)
         echo(line)
-    res: dict[str, Any] = {"fit": iso.to_dict(), "compute_optimal": table}
+    res: dict[str, Any] = {"fit": iso.to_dict(), "flops_convention": _flops_convention(RUNS_FLOPS),
+                           "compute_optimal": table}
     if boot is not None:
-        res["bootstrap"] = boot.to_dict()
+        res["bootstrap"] = dict(boot.to_dict(), flops_convention=RUNS_FLOPS)
     res["plots"] = [plots.isoflop_curves(iso, out / "isoflop.png"),
-                    plots.frontier(out / "frontier.png", iso=iso, iso_boot=boot, budgets=budgets)]
+                    plots.frontier(out / "frontier.png", iso=iso, iso_boot=boot, budgets=budgets,
+                                   flops_per_token=_fpt_from_runs(runs),
+                                   flops_label=_axis_label(RUNS_FLOPS))]
     return res
 
 
