@@ -6,16 +6,21 @@ field with one default; ``__post_init__`` rejects impossible values with a messa
 and the constraint. Configs are values: change them with :meth:`RunConfig.override`, which takes dotted
 keys (``{"optim.lr": 1e-3}``) and coerces strings (``"1e-3"``) to the field's declared type, so the CLI's
 ``--set optim.lr=1e-3`` and Python share one typed, validated path.
+
+Sub-configs nest: a model config field holding a frozen dataclass (``moe: MoEConfig | None``) is walked
+into, so ``model.moe.n_experts`` is a key like any other, and tuple fields take ``"1,2,3"``. The rules
+(what a ``None`` sub-config accepts, how errors are named) are in :mod:`jscale.configpath`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
+
+from jscale import configpath
+from jscale.configpath import ConfigError, coerce  # noqa: F401  (coerce: re-exported)
 
 #: Byte-level tokenizer: 256 byte values plus one end-of-document token (id 256).
 BYTE_VOCAB_SIZE = 257
@@ -23,10 +28,6 @@ BYTE_VOCAB_SIZE = 257
 DIVERGENCE_FACTOR = 3.0
 #: Runs planned for more epochs than this train with a warning (see ``DataConfig.max_epochs``).
 EPOCHS_WARN = 4.0
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the field and the constraint."""
 
 
 def check(condition: bool, field: str, constraint: str, value: Any = None) -> None:
@@ -266,106 +267,63 @@ class RunConfig:
 
     # -- dotted-key access ---------------------------------------------------------------------------
     def flat(self) -> dict[str, Any]:
-        """All fields as ``{"section.field": value}``."""
-        return {f"{s.name}.{f.name}": getattr(getattr(self, s.name), f.name)
-                for s in dataclasses.fields(self) for f in dataclasses.fields(getattr(self, s.name))}
+        """Every leaf as ``{"section.field": value}``, walking into sub-configs
+        (``"model.moe.n_experts"``); a ``None`` sub-config is one leaf (``"model.moe": None``)."""
+        return configpath.flatten(self)
 
     def valid_keys(self) -> list[str]:
-        """Every key :meth:`override` accepts."""
+        """The leaf keys, in :meth:`flat` order. :meth:`override` also accepts a sub-config's own key
+        (``model.moe``) and keys under a ``None`` sub-config (see :meth:`override`)."""
         return list(self.flat())
 
-    def override(self, updates: Mapping[str, Any]) -> RunConfig:
-        """A copy with ``updates`` (``{"section.field": value}``) applied, typed and validated.
+    def check_keys(self, keys: Iterable[str]) -> None:
+        """Raise :class:`ConfigError` listing the valid keys for the first key :meth:`override` rejects."""
+        for key in keys:
+            if not configpath.accepts(self, key):
+                raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(self.valid_keys())}")
 
-        String values are parsed to the field's declared type (so ``"1e-3"``, ``"true"``, ``"none"``
-        work); an unknown key raises :class:`ConfigError` listing the valid keys.
+    def override(self, updates: Mapping[str, Any]) -> RunConfig:
+        """A copy with ``updates`` (``{"section.field": value}``, any depth) applied, typed and validated.
+
+        String values are parsed to the field's declared type (so ``"1e-3"``, ``"true"``, ``"none"``,
+        ``"1,2,3"`` work); each changed config is rebuilt once with all its changes, so every level's
+        ``__post_init__`` checks them together. A sub-config key (``model.moe``) takes an instance, a
+        mapping of its fields or ``None``; a key under a ``None`` sub-config (``model.moe.n_experts``)
+        first builds that sub-config from its class defaults, then applies the key(s). An unknown key
+        raises :class:`ConfigError` listing the valid keys.
         """
-        by_section: dict[str, dict[str, Any]] = {}
-        valid = self.valid_keys()
-        for key, value in updates.items():
-            if key not in valid:
-                raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
-            section, name = key.split(".", 1)
-            hints = typing.get_type_hints(type(getattr(self, section)))
-            by_section.setdefault(section, {})[name] = coerce(value, hints[name], key)
-        sections = {s: dataclasses.replace(getattr(self, s), **kv) for s, kv in by_section.items()}
-        return dataclasses.replace(self, **sections)
+        self.check_keys(updates)
+        return configpath.apply(self, updates)
 
     # -- serialization -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready nested dict; ``model`` carries its ``family``."""
+        """A JSON-ready nested dict (sub-configs as dicts, tuples as sequences); ``model`` carries its
+        ``family``."""
         out = {s.name: dataclasses.asdict(getattr(self, s.name)) for s in dataclasses.fields(self)}
         out["model"] = {"family": model_family(self.model), **out["model"]}
         return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (also after JSON: lists become tuples, dicts sub-configs, by the
+        declared field types); an unknown section or field raises :class:`ConfigError` naming it."""
+        sections = [f.name for f in dataclasses.fields(cls)]
+        for name in d:
+            if name not in sections:
+                raise ConfigError(f"{name}: unknown config section (sections: {', '.join(sections)})")
+        if "model" not in d:
+            raise ConfigError("model: missing (a mapping with the model's family and fields)")
         model = dict(d["model"])
-        family = model.pop("family")
+        family = model.pop("family", None)
         if family not in _MODEL_FAMILIES:
             raise ConfigError(f"model.family: unknown family {family!r} "
                               f"(registered: {sorted(_MODEL_FAMILIES)})")
-        return cls(model=_MODEL_FAMILIES[family](**model),
-                   data=DataConfig(**d.get("data", {})), optim=OptimConfig(**d.get("optim", {})),
-                   train=TrainConfig(**d.get("train", {})), mesh=MeshConfig(**d.get("mesh", {})))
+        hints = configpath.field_hints(cls)
+        rest = {s: configpath.from_plain(hints[s], d[s], s) for s in sections if s != "model" and s in d}
+        return cls(model=configpath.from_plain(_MODEL_FAMILIES[family], model, "model"), **rest)
 
 
 # ---------------------------------------------------------------------------------------------------
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-
-
-def coerce(value: Any, hint: Any, key: str) -> Any:
-    """Convert ``value`` (a Python value or a CLI string) to type ``hint``; raise naming ``key``."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and (value is None or
-                                   (isinstance(value, str) and value.lower() in ("none", "null"))):
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: cannot convert {value!r} to {hint}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: must be one of {list(args)} (got {value!r})")
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise ConfigError(f"{key}: must be a bool (true/false) (got {value!r})")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: must be an int (got {value!r})")
-        if isinstance(value, int):
-            return value
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: must be an int (got {value!r})") from None
-        if not as_float.is_integer():
-            raise ConfigError(f"{key}: must be an int (got {value!r})")
-        return int(as_float)
-    if hint is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: must be a float (got {value!r})")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: must be a float (got {value!r})") from None
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: must be a str (got {value!r})")
-        return value
-    raise ConfigError(f"{key}: unsupported field type {hint}")
-
-
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
     """Parse CLI ``key=value`` strings into a dict (values stay strings; :meth:`override` types them)."""
     out = {}

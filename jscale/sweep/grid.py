@@ -102,10 +102,7 @@ def zip_(base: RunConfig, **axes: Sequence[Any]) -> list[RunConfig | InvalidRun]
 
 
 def _check_keys(base: RunConfig, axes: Mapping[str, Any]) -> None:
-    valid = base.valid_keys()
-    for key in axes:
-        if key not in valid:
-            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+    base.check_keys(axes)  # the keys override accepts, nested ones included
 
 
 # ---------------------------------------------------------------------------------------------------
