@@ -27,14 +27,14 @@ import lzma
 import os
 import pathlib
 import re
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import grain
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from jscale import files
 from jscale.config import BYTE_VOCAB_SIZE, ConfigError, DataConfig
 
 BYTE_EOS_ID = 256
@@ -104,7 +104,7 @@ class BPETokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as HF JSON, atomically."""
-        _atomic_write(pathlib.Path(path), lambda f: f.write(self.tokenizer.to_str().encode()))
+        files.atomic_write(pathlib.Path(path), lambda f: f.write(self.tokenizer.to_str().encode()))
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids of ``text`` as an int32 array (no EOS appended)."""
@@ -148,8 +148,7 @@ def default_corpus_path() -> pathlib.Path:
 
 def cache_dir(data_cfg: DataConfig) -> pathlib.Path:
     """``data.cache_dir``, else ``$JSCALE_CACHE``, else ``~/.cache/jscale``."""
-    return pathlib.Path(data_cfg.cache_dir or os.environ.get("JSCALE_CACHE")
-                        or "~/.cache/jscale").expanduser()
+    return files.cache_dir(data_cfg.cache_dir)
 
 
 def load_corpus(data_cfg: DataConfig, vocab_size: int, seq_len: int) -> Corpus:
@@ -445,20 +444,7 @@ def _load_bpe(path: pathlib.Path | None, data_cfg: DataConfig, vocab_size: int) 
         tok.save(tok_path)
     corpus = Corpus(_stream(tok, train_docs), _stream(tok, val_docs), tok,
                     len(train_docs), len(val_docs))
-    _atomic_write(tokens_path, lambda f: np.savez(
+    files.atomic_write(tokens_path, lambda f: np.savez(
         f, train=corpus.train_tokens, val=corpus.val_tokens,
         n_train_docs=corpus.n_train_docs, n_val_docs=corpus.n_val_docs))
     return corpus
-
-
-def _atomic_write(path: pathlib.Path, write: Callable) -> None:
-    """``write(file)`` into a temporary file next to ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -31,11 +31,6 @@ def truncated_normal(key: Array, shape: tuple[int, ...], std: float, dtype) -> A
             ).astype(dtype)
 
 
-def fan_in_init(key: Array, shape: tuple[int, ...], fan_in: int, dtype, scale: float = 1.0) -> Array:
-    """Truncated normal with std ``scale / sqrt(fan_in)`` (LeCun-normal)."""
-    return truncated_normal(key, shape, scale / fan_in**0.5, dtype)
-
-
 def rms_norm(x: Array, scale: Array, eps: float) -> Array:
     """RMSNorm over the last axis, computed in float32; returns ``x``'s dtype."""
     x32 = x.astype(jnp.float32)

@@ -290,11 +290,6 @@ def activate(layout: Layout | None) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
-def active_layout() -> Layout | None:
-    """The layout set by :func:`activate`, or ``None`` (unsharded: constraints are the identity)."""
-    return _ACTIVE.get()
-
-
 def traced_under(layout: Layout | None, fn):
     """``fn`` that runs (and so is traced) with ``layout`` active; wrap before ``jax.jit``."""
     if layout is None:

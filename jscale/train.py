@@ -40,7 +40,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jscale import data as data_lib
-from jscale import models, optim
+from jscale import files, models, optim
 from jscale import sharding as sharding_lib
 from jscale.checkpoint import Checkpointer
 from jscale.config import EPOCHS_WARN, ConfigError, RunConfig
@@ -180,24 +180,6 @@ def make_eval_step(cfg: RunConfig, layout: sharding_lib.Layout | None = None,
 # files
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line torn by a kill mid-write: it and anything after are dropped
-    return rows
-
-
 #: Config fields a resumed run may change: where it runs (the checkpoint is restored onto the new
 #: mesh), not what it computes.
 RESUMABLE_CHANGES = ("mesh.",)
@@ -217,9 +199,9 @@ def _prepare_out_dir(cfg: RunConfig, out: Path, *, write: bool = True) -> None:
             raise ConfigError(f"{out} holds a run with a different config ({'; '.join(diff)}); "
                               "rerun with the same settings to resume, or use a new --out")
         if changed and write:  # a new mesh: config.json records where the run goes on
-            _write_json_atomic(cfg_path, cfg.to_dict())
+            files.atomic_write_json(cfg_path, cfg.to_dict())
     elif write:
-        _write_json_atomic(cfg_path, cfg.to_dict())
+        files.atomic_write_json(cfg_path, cfg.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,7 +265,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
         start, prior_wall = latest, float(meta["wall_time_s"])
         recent.extend(meta.get("recent_losses", []))
     metrics_path = out / "metrics.jsonl"
-    rows = [r for r in _read_rows(metrics_path) if r["step"] <= start]
+    rows = [r for r in files.read_jsonl(metrics_path) if r["step"] <= start]
     if primary:
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -366,7 +348,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False) ->
     }
     if not primary:
         return summary
-    _write_json_atomic(out / "summary.json", summary)
+    files.atomic_write_json(out / "summary.json", summary)
     if not quiet:
         status = (f"DIVERGED at step {diverged_step}" if summary["diverged"] else
                   f"train loss {summary['final_train_loss']:.4f}, eval loss "

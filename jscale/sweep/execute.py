@@ -35,13 +35,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from jscale import data as data_lib
-from jscale import models
+from jscale import files, models
 from jscale import sharding as sharding_lib
 from jscale import train as train_lib
 from jscale.config import EPOCHS_WARN, ConfigError, RunConfig
 from jscale.sweep import group as group_lib
 from jscale.sweep.grid import InvalidRun, _digest, run_id
-from jscale.sweep.store import ResultsStore, _atomic_write_text
+from jscale.sweep.store import ResultsStore
 
 STRATEGIES = ("auto", "vmap", "sequential")
 #: Where ``auto`` keeps probe results: only in the sweep's ``strategies.json`` (default), or also in
@@ -62,10 +62,6 @@ PROBE_MAX_STEPS = 50
 PROBE_MIN_MARGIN = 0.05
 #: Fraction of device memory a chunk's estimated footprint may use.
 MEMORY_FRACTION = 0.5
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("JSCALE_CACHE") or Path.home() / ".cache" / "jscale")
 
 
 def member_bytes(cfg: RunConfig) -> int:
@@ -149,7 +145,7 @@ class _Strategies:
     def __init__(self, out_dir: Path, cache: str = "sweep"):
         self.local_path = out_dir / "strategies.json"
         self.local = _read_json(self.local_path)
-        self.global_path = _cache_dir() / "strategy_probe.json" if cache == "global" else None
+        self.global_path = files.cache_dir() / "strategy_probe.json" if cache == "global" else None
         self.cached = _read_json(self.global_path) if self.global_path is not None else {}
 
     def choose(self, chunk_key: str, members, common, corpus, layout,
@@ -173,8 +169,8 @@ class _Strategies:
         if probed and self.global_path is not None:
             self.cached[device_key] = probe
             self.global_path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(self.global_path, json.dumps(self.cached, indent=1))
-        _atomic_write_text(self.local_path, json.dumps(self.local, indent=1))
+            files.atomic_write_text(self.global_path, json.dumps(self.cached, indent=1))
+        files.atomic_write_text(self.local_path, json.dumps(self.local, indent=1))
         return probe["choice"], probe
 
 

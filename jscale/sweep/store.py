@@ -20,20 +20,13 @@ from typing import Any
 
 import pandas as pd
 
+from jscale import files
+
 RESULTS = "results.jsonl"
 CURVES = "curves"
 GRID = "grid.json"
 #: Column of every frame: is the row's run in the grid of the latest ``sweep.run`` call?
 IN_LATEST_GRID = "in_latest_grid"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ResultsStore:
@@ -49,7 +42,7 @@ class ResultsStore:
         if writer:
             (self.out_dir / CURVES).mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / RESULTS
-        self._rows = _read(self.path)
+        self._rows = files.read_jsonl(self.path)
         self._grid = _read_grid(self.out_dir)
 
     @property
@@ -64,7 +57,7 @@ class ResultsStore:
     def write_curve(self, run_id: str, rows: list[dict[str, Any]]) -> None:
         """``curves/<run_id>.jsonl``: the run's logged rows (step, loss, lr, …), written atomically."""
         if self.writer:
-            _atomic_write_text(self.out_dir / CURVES / f"{run_id}.jsonl",
+            files.atomic_write_text(self.out_dir / CURVES / f"{run_id}.jsonl",
                                "".join(json.dumps(r) + "\n" for r in rows))
 
     def commit(self, new_rows: list[dict[str, Any]]) -> None:
@@ -72,23 +65,17 @@ class ResultsStore:
         ids = {r["run_id"] for r in new_rows}
         self._rows = [r for r in self._rows if r["run_id"] not in ids] + list(new_rows)
         if self.writer:
-            _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self._rows))
+            files.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self._rows))
 
     def set_grid(self, run_ids: list[str]) -> None:
         """Record ``run_ids`` as the latest grid (``grid.json``, written atomically)."""
         self._grid = list(run_ids)
         if self.writer:
-            _atomic_write_text(self.out_dir / GRID, json.dumps({"run_ids": self._grid}) + "\n")
+            files.atomic_write_text(self.out_dir / GRID, json.dumps({"run_ids": self._grid}) + "\n")
 
     def frame(self) -> pd.DataFrame:
         """The table as a DataFrame (one row per run), with the ``in_latest_grid`` column."""
         return _frame(self._rows, self._grid)
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _read_grid(out_dir: Path) -> list[str] | None:
@@ -116,9 +103,9 @@ def load(out_dir: str | os.PathLike) -> pd.DataFrame:
     path = Path(out_dir) / RESULTS
     if not path.exists():
         raise FileNotFoundError(f"no {RESULTS} in {out_dir}: not a sweep output directory")
-    return _frame(_read(path), _read_grid(Path(out_dir)))
+    return _frame(files.read_jsonl(path), _read_grid(Path(out_dir)))
 
 
 def load_curve(out_dir: str | os.PathLike, run_id: str) -> pd.DataFrame:
     """One run's loss curve (``curves/<run_id>.jsonl``) as a DataFrame."""
-    return pd.DataFrame(_read(Path(out_dir) / CURVES / f"{run_id}.jsonl"))
+    return pd.DataFrame(files.read_jsonl(Path(out_dir) / CURVES / f"{run_id}.jsonl"))
