@@ -1,2 +1,3 @@
 from pallas_kernels.flash_attention import flash_attention as flash_attention
+from pallas_kernels.grouped_matmul import grouped_matmul as grouped_matmul
 from pallas_kernels.selective_scan import selective_scan as selective_scan

@@ -7,7 +7,7 @@ pure-jnp reference). Interpret mode and lowering checks (``jax.export(..., platf
 not count: they never ran the compiled kernel.
 
 :data:`VALIDATED` is the record of where those tests passed. Add an entry — platform, the jax
-version and the date — in the commit that reports such a run. Today it is empty for both kernels:
+version and the date — in the commit that reports such a run. Today it is empty for every kernel:
 no compiled test has run on a GPU or TPU yet.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import jax
 
-KERNELS = ("flash_attention", "selective_scan")
+KERNELS = ("flash_attention", "selective_scan", "grouped_matmul")
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 #: kernel → platform (``jax.default_backend()``'s name: "gpu" or "tpu") → ``(jax version, date)``
@@ -23,6 +23,7 @@ PLATFORMS = ("cpu", "gpu", "tpu")
 VALIDATED: dict[str, dict[str, tuple[str, str]]] = {
     "flash_attention": {},
     "selective_scan": {},
+    "grouped_matmul": {},
 }
 
 

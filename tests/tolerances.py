@@ -27,7 +27,19 @@ SCAN_BF16 = dict(rtol=8e-3, atol=8e-3)
 #: Logged losses of 20 float32 training steps, selective-scan kernel vs the XLA scan.
 SCAN_TRAIN_LOSS = dict(rtol=1e-5, atol=1e-6)
 
+#: float32 values computed two ways from the same formula (an init, a learning-rate schedule vs its
+#: closed form in float64): a few float32 ulps.
+F32_FORMULA_RTOL = 1e-6
+#: bfloat16 compute vs float32 on the micro transformer's logits (O(1) values, bf16's 8-bit mantissa
+#: through two layers; measured max |diff| 0.046).
+BF16_VS_F32_LOGITS_ATOL = 0.1
+
 # --- scaling-law fitting (tests/test_laws.py) -------------------------------------------------------
+#: The same float64 quantity computed two ways (a closed form vs its definition): round-off only.
+F64_IDENTITY_RTOL = 1e-12
+#: Approach 2's fitted power law at the budgets vs the minima it was fitted through (three points of
+#: an exact power law in log-log: round-off of the least-squares solve).
+ISOFLOP_POWER_LAW_THROUGH_MINIMA_RTOL = 1e-6
 #: Epoch AI's Chinchilla fit E = 1.8172, α = 0.3478, β = 0.3658: reproduced within 0.01 (issue 4).
 EPOCH_FIT_ATOL = 0.01
 #: A and B lie in a flat valley: Epoch report 482/2085, the same protocol also lands at 478/2143.
@@ -65,3 +77,12 @@ FRONTIER_SAME_CONVENTION_RTOL = 0.05
 #: math, but collectives sum partial results (batch shards, FSDP/TP partial products) in another
 #: order. Measured on `tiny`, 12 steps: ≤ 1.1e-7 relative.
 SHARDED_VS_SINGLE_LOSS = dict(rtol=1e-5, atol=1e-6)
+
+# --- grouped matmul (tests/test_grouped_matmul.py) ------------------------------------------------
+#: Grouped-matmul kernel vs ``jax.lax.ragged_dot``, float32: the same sums of ≤ 64 products in
+#: another order (per-tile partial sums). Values and gradients are O(1)-O(30): measured ≤ 6e-6
+#: absolute at M 64, K 32, N 48.
+GMM_F32 = dict(rtol=1e-5, atol=1e-5)
+#: bfloat16 inputs and outputs (float32 accumulation) vs ``ragged_dot`` on the same inputs: both
+#: round one float32 sum to bf16, so they may differ by one bf16 ulp (≤ 2^-7 of the value).
+GMM_BF16 = dict(rtol=8e-3, atol=8e-3)
