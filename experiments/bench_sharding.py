@@ -64,7 +64,7 @@ def main() -> None:
     from bench_train import time_steps  # experiments/ is on sys.path when a script runs
 
     import jscale
-    from jscale import optim, sharding
+    from jscale import mesh, optim
     from jscale.config import ConfigError, parse_overrides
     from jscale.train import make_init_state, make_layout, make_train_step
 
@@ -89,7 +89,7 @@ def main() -> None:
         state = make_init_state(cfg, optimizer, layout)()
         step = make_train_step(cfg, optimizer, layout)
         batch = (host_batch if layout is None else
-                 {k: sharding.put_global(v, layout.batch_sharding()) for k, v in host_batch.items()})
+                 {k: mesh.put_global(v, layout.batch_sharding()) for k, v in host_batch.items()})
         state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
         device_bytes = _per_device_bytes((state.params, state.opt_state))
         state, step_s = time_steps(step, state, batch, args.steps)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import jscale
+import jscale.cli
 from jscale import sweep
 
 #: One architecture rule for every size of every preset: the dense transformer with multi-head
@@ -130,17 +131,20 @@ def analyze(df, out_dir: Path) -> None:
     n_boot = 200
     echo("== Approach 2: parabolas through each IsoFLOP curve, power laws through the minima ==")
     try:
-        iso = report.analyze(df, out_dir / "approach2", law="isoflop", bootstrap=n_boot,
-                             n_params="with_head", echo=echo)
+        rep2 = report.analyze(df, out_dir / "approach2", law="isoflop", bootstrap=n_boot,
+                              n_params="with_head", echo=echo)
     except (report.FitInputError, ValueError) as e:
-        iso = None
+        rep2 = None
         echo(f"Approach 2 not possible on these runs: {e}")
     echo("== Approach 3: L(N, D) = E + A/N^alpha + B/D^beta, Huber on log loss, 4,500 starts ==")
-    fit3 = report.analyze(df, out_dir / "approach3", law="chinchilla", bootstrap=n_boot,
-                          n_params="with_head", echo=echo)
-    summary = {"approach2": iso, "approach3": fit3}
+    # the Approach 2 fit above is drawn beside Approach 3 (not fitted again); the Approach 3 fit and
+    # its bootstrap below are the report's own (fitted once)
+    rep3 = report.analyze(df, out_dir / "approach3", law="chinchilla", bootstrap=n_boot,
+                          n_params="with_head", echo=echo,
+                          approach2=rep2.fit if rep2 is not None else None)
+    summary = {"approach2": rep2.summary if rep2 is not None else None, "approach3": rep3.summary}
 
-    runs = report.usable_runs(df, n_params="with_head")
+    runs = rep3.runs                                    # usable_runs(df, n_params="with_head")
     budgets = np.sort(runs["budget"].dropna().unique())
     if len(budgets) >= 3:
         cut = float(budgets[-1])
@@ -151,12 +155,12 @@ def analyze(df, out_dir: Path) -> None:
              f"{int(np.sum(ex.held_out))} runs at {cut:.3g}: mean |error| "
              f"{100 * ex.mean_abs_rel_error:.2f} %, max {100 * ex.max_abs_rel_error:.2f} %")
     if len(budgets):
-        fitted = laws.fit_chinchilla(runs["N"], runs["D"], runs["loss"])
+        fitted = rep3.fit
         fpt = report.runs_flops_per_token(runs)
         next_c = float(budgets[-1]) * (budgets[-1] / budgets[-2] if len(budgets) > 1 else 10.0)
         n_opt, d_opt = (float(np.ravel(v)[0]) for v in fitted.compute_optimal(next_c, fpt))
-        boot = laws.bootstrap(fitted, n_boot, budgets=[next_c], flops_per_token=fpt)
-        (n_lo, n_hi), (d_lo, d_hi) = boot.N_opt[0], boot.D_opt[0]
+        n_iv, d_iv = rep3.bootstrap.allocation_intervals([next_c], fpt)   # its samples, no refit
+        (n_lo, n_hi), (d_lo, d_hi) = n_iv[0], d_iv[0]
         echo(f"== Next budget up, C = {next_c:.3g} training FLOPs in jscale's convention "
              f"(C = flops_per_token(N)·D): N_opt = {n_opt:,.0f} [{n_lo:,.0f}, {n_hi:,.0f}] "
              f"parameters (non-embedding + head), D_opt = {d_opt:,.0f} [{d_lo:,.0f}, {d_hi:,.0f}] "
@@ -183,4 +187,4 @@ def analyze(df, out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    sweep.main(grid, analyze)
+    jscale.cli.experiment(grid, analyze)

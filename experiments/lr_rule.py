@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import jscale
+import jscale.cli
 from jscale import sweep
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -85,4 +86,4 @@ def analyze(df, out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    sweep.main(grid, analyze)
+    jscale.cli.experiment(grid, analyze)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import jscale
+import jscale.cli
 from jscale import sweep
 
 PRESETS = {
@@ -75,4 +76,4 @@ def analyze(df, out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    sweep.main(grid, analyze)
+    jscale.cli.experiment(grid, analyze)

@@ -1,4 +1,5 @@
-"""Checkpoints with orbax: train state, the data iterator's position, and a little JSON metadata.
+"""Checkpoints with orbax: the train state (the model's non-gradient state included), the data
+iterator's position, and a little JSON metadata.
 
 Orbax writes each step to a temporary directory and renames it only when complete, so a process killed
 mid-write (even with SIGKILL) leaves no half checkpoint that could be restored; stale temporaries are
@@ -55,6 +56,12 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointRestore(data_iterator),
             meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
+
+    def restore_state(self, step: int, like_state: Any) -> Any:
+        """The train state of checkpoint ``step`` alone (the data iterator is not touched)."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+        return self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))["state"]
 
     def read_meta(self, step: int) -> dict[str, Any]:
         """The JSON metadata of checkpoint ``step`` alone (nothing else is restored)."""

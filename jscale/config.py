@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from jscale import configpath
+from jscale import configpath, registry
 from jscale.configpath import ConfigError, coerce  # noqa: F401  (coerce: re-exported)
 
 #: Byte-level tokenizer: 256 byte values plus one end-of-document token (id 256).
@@ -217,23 +217,12 @@ class MeshConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Model families register their config class here so RunConfig can (de)serialize and validate them.
-
-_MODEL_FAMILIES: dict[str, type] = {}
-
-
-def register_model_config(family: str, cls: type) -> None:
-    """Make ``cls`` a valid ``RunConfig.model``, serialized with ``{"family": family, ...}``."""
-    _MODEL_FAMILIES[family] = cls
+# Model families live in one registry (jscale.registry); config.py never imports the models.
 
 
 def model_family(model_cfg: Any) -> str:
     """The registered family name of a model config instance."""
-    for family, cls in _MODEL_FAMILIES.items():
-        if type(model_cfg) is cls:
-            return family
-    raise ConfigError(f"model: {type(model_cfg).__name__} is not a registered model config "
-                      f"(registered: {sorted(_MODEL_FAMILIES)})")
+    return registry.family_of(model_cfg).name
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -247,8 +236,8 @@ class RunConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self):
-        model_family(self.model)  # raises for an unregistered model config
-        max_len = getattr(self.model, "max_seq_len", None)
+        family = registry.family_of(self.model)  # raises for an unregistered model config
+        max_len = family.max_seq_len(self.model)
         if max_len is not None:
             check(self.train.seq_len <= max_len, "train.seq_len",
                   f"must be <= model.max_seq_len={max_len}", self.train.seq_len)
@@ -314,13 +303,10 @@ class RunConfig:
         if "model" not in d:
             raise ConfigError("model: missing (a mapping with the model's family and fields)")
         model = dict(d["model"])
-        family = model.pop("family", None)
-        if family not in _MODEL_FAMILIES:
-            raise ConfigError(f"model.family: unknown family {family!r} "
-                              f"(registered: {sorted(_MODEL_FAMILIES)})")
+        family = registry.by_name(model.pop("family", None))
         hints = configpath.field_hints(cls)
         rest = {s: configpath.from_plain(hints[s], d[s], s) for s in sections if s != "model" and s in d}
-        return cls(model=configpath.from_plain(_MODEL_FAMILIES[family], model, "model"), **rest)
+        return cls(model=configpath.from_plain(family.config_cls, model, "model"), **rest)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,10 +13,18 @@ K     head dim                                      F     FFN width
 V     vocabulary                                    E     experts
 N     SSM state                                     P     parallel streams (ParScale)
 L     stacked layers                                R     runs in a vmapped sweep
+J     Mamba's Δ (dt) rank                           W     Mamba's causal conv width
 ====  ============================================  ====  ==========================================
+
+A stacked leaf carries ``L`` in its name (``w_q_LDHK``); inside the layer scan one layer's slice drops
+it (``w_q_DHK``): :func:`stack_name` / :func:`unstack_name` convert, :func:`unstack_names` renames a
+sliced tree. (The scaling-law optimiser in :mod:`jscale.laws` uses letters of its own.)
 """
 
 from __future__ import annotations
+
+import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,3 +79,30 @@ def segment_mask(segment_ids_BT: Array, segment_ids_BS: Array | None = None) -> 
     if segment_ids_BS is None:
         segment_ids_BS = segment_ids_BT
     return (segment_ids_BT[:, :, None] == segment_ids_BS[:, None, :])[:, None]
+
+
+_SUFFIX = re.compile(r"^(.*?)(?:_([A-Z]+))?$")
+
+
+def stack_name(name: str) -> str:
+    """One layer's leaf name → the stacked leaf's: ``"w_q_DHK"`` → ``"w_q_LDHK"``, ``"count"`` →
+    ``"count_L"``."""
+    stem, dims = _SUFFIX.match(name).groups()
+    return f"{stem}_L{dims or ''}"
+
+
+def unstack_name(name: str) -> str:
+    """A stacked leaf name → one layer's: ``"w_q_LDHK"`` → ``"w_q_DHK"``, ``"count_L"`` →
+    ``"count"``; a name without a leading ``L`` in its suffix is returned unchanged."""
+    stem, dims = _SUFFIX.match(name).groups()
+    if not dims or not dims.startswith("L"):
+        return name
+    return f"{stem}_{dims[1:]}" if len(dims) > 1 else stem
+
+
+def unstack_names(tree: Any) -> Any:
+    """``tree`` (nested dicts) with every leaf key renamed by :func:`unstack_name`: how a one-layer
+    slice of the ``L``-stacked parameters is named inside the layer scan."""
+    if not isinstance(tree, dict):
+        return tree
+    return {(k if isinstance(v, dict) else unstack_name(k)): unstack_names(v) for k, v in tree.items()}

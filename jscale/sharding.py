@@ -1,7 +1,8 @@
-"""Device meshes, logical-dim rules, shardings derived from leaf names, and multi-host start-up.
+"""Logical-dim rules, shardings derived from leaf names, and the constraints model code applies.
 
-One mesh with five named axes serves every layout (outermost first, so the fast inner links carry the
-most traffic):
+This is the model-facing half of sharding (the mesh half — building meshes, checking them, global
+batches, multi-host start-up — is :mod:`jscale.mesh`). One mesh with five named axes serves every
+layout (outermost first, so the fast inner links carry the most traffic):
 
 ========  =================================================================================
 runs      sweeps: the leading run axis R of a vmapped group (``jscale sweep`` only)
@@ -17,10 +18,10 @@ axes: :data:`PARAM_RULES` for parameters (and, by the same names, their optimize
 :data:`ACTIVATION_RULES` for activations. A parameter's spec is derived from the shape suffix of its
 leaf name (``w_q_LDHK`` → ``L D H K`` → ``P(None, "fsdp", "tensor", None)``), so no layer writes a spec.
 A dim whose size the axes do not divide stays replicated (this is how the 257-token byte vocabulary
-is handled); the divisions the math needs are checked up front by :func:`check_mesh`.
+is handled); the divisions the math needs are checked up front by :func:`jscale.mesh.check_mesh`.
 
-Axis types are ``Auto``, chosen explicitly in :func:`make_mesh`: shardings are fixed at the jit
-boundary (state, batch) and at a few named points inside the models (:func:`constrain`,
+Axis types are ``Auto`` (see :func:`jscale.mesh.make_mesh`): shardings are fixed at the jit boundary
+(state, batch) and at a few named points inside the models (:func:`constrain`,
 :func:`constrain_params`), and XLA's partitioner inserts the collectives in between. The same model
 functions therefore run unsharded, sharded and vmapped; with no active layout every constraint is the
 identity, so the single-device path is exactly the unsharded program.
@@ -32,17 +33,16 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-import os
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jscale.config import MESH_AXES, ConfigError, MeshConfig, RunConfig
+from jscale.config import MESH_AXES
 
 #: Mesh axis order, outermost first.
 MESH_ORDER = ("runs", "data", "fsdp", "expert", "tensor")
@@ -70,10 +70,9 @@ ACTIVATION_RULES: Rules = {
 #: back to replicated when it does not divide (e.g. the byte vocabulary V = 257).
 STRICT_DIMS = frozenset("DHGFE")
 
-#: What each strict dim is, for error messages.
-DIM_FIELDS = {"D": "model.d_model", "H": "model.n_heads", "G": "model.n_kv_heads",
-              "F": "the FFN / inner width (model.d_ff, or expand × d_model for Mamba)",
-              "E": "the number of experts"}
+#: What each strict dim is, for error messages (the family's own field is named by the parameter).
+DIM_NAMES = {"D": "the model width", "H": "the query heads", "G": "the key/value heads",
+             "F": "the FFN / inner width", "E": "the number of experts"}
 
 _DIMS_RE = re.compile(r"_([A-Z]+)$")
 
@@ -93,7 +92,7 @@ def _leaf_name(path: tuple) -> str:
     return str(last)
 
 
-def _leaf_dims(path: tuple, ndim: int, *, runs_axis: bool = False) -> str:
+def leaf_dims(path: tuple, ndim: int, *, runs_axis: bool = False) -> str:
     """Dims of the leaf at ``path`` with ``ndim`` dims: its name's suffix (with a leading ``R`` in a
     vmapped sweep; without the ``L`` inside the layer scan). A leaf without a suffix gets the
     placeholder dim ``_`` (never sharded) on every axis; :func:`check_mesh` requires a suffix on
@@ -133,7 +132,7 @@ def spec_for(dims: str, shape: tuple[int, ...], rules: Rules, axis_sizes: Mappin
     return P(*entries)
 
 
-def _axis_sizes(mesh: Mesh) -> dict[str, int]:
+def axis_sizes(mesh: Mesh) -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
 
 
@@ -145,10 +144,10 @@ def tree_specs(tree: Any, mesh: Mesh, rules: Rules = PARAM_RULES, *,
     names, so they are sharded like their parameters; scalars (step counts, hyperparameters) are
     replicated. ``runs_axis``: leaves carry a leading run axis ``R`` (a vmapped sweep group).
     """
-    sizes = _axis_sizes(mesh)
+    sizes = axis_sizes(mesh)
 
     def leaf(path, x):
-        return spec_for(_leaf_dims(path, np.ndim(x), runs_axis=runs_axis), np.shape(x), rules, sizes)
+        return spec_for(leaf_dims(path, np.ndim(x), runs_axis=runs_axis), np.shape(x), rules, sizes)
     return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
@@ -158,89 +157,6 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = PARAM_RULES, *,
     return jax.tree.map(lambda s: NamedSharding(mesh, s),
                         tree_specs(tree, mesh, rules, runs_axis=runs_axis),
                         is_leaf=lambda x: isinstance(x, P))
-
-
-# ---------------------------------------------------------------------------------------------------
-# the mesh
-
-
-def mesh_sizes(mesh_cfg: MeshConfig, n_devices: int) -> dict[str, int]:
-    """Axis sizes with the ``-1`` axis (if any) filled with the remaining devices; validated so that
-    their product is ``n_devices``."""
-    sizes = {a: getattr(mesh_cfg, a) for a in MESH_ORDER}
-    fill = [a for a, s in sizes.items() if s == -1]
-    fixed = math.prod(s for s in sizes.values() if s != -1)
-    product = " × ".join(f"{a}={s}" for a, s in sizes.items() if s not in (1, -1))
-    if fill:
-        if n_devices % fixed:
-            raise ConfigError(f"mesh.{fill[0]}: -1 fills the remaining devices, but the other axes "
-                              f"({product}) multiply to {fixed}, which does not divide the "
-                              f"{n_devices} devices")
-        sizes[fill[0]] = n_devices // fixed
-    elif fixed != n_devices:
-        raise ConfigError(f"mesh: the axis sizes ({product or 'all 1'}) multiply to {fixed}, but there "
-                          f"are {n_devices} devices; their product must equal the device count "
-                          "(set one axis to -1 to use all remaining devices)")
-    return sizes
-
-
-def is_single_device(mesh_cfg: MeshConfig) -> bool:
-    """True for the default mesh (every axis 1): no mesh, no constraints, one device."""
-    return all(getattr(mesh_cfg, a) == 1 for a in MESH_ORDER)
-
-
-def make_mesh(cfg: MeshConfig | RunConfig, devices: list | None = None) -> Mesh:
-    """The ``jax.sharding.Mesh`` for ``cfg`` (a ``MeshConfig``, or a ``RunConfig``'s ``mesh``) over
-    ``devices`` (default: all devices, across every process), axes in :data:`MESH_ORDER`, all of
-    type ``Auto`` (see the module docstring)."""
-    mesh_cfg = cfg.mesh if isinstance(cfg, RunConfig) else cfg
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = mesh_sizes(mesh_cfg, len(devices))
-    return jax.make_mesh(tuple(sizes[a] for a in MESH_ORDER), MESH_ORDER,
-                         axis_types=(AxisType.Auto,) * len(MESH_ORDER), devices=devices)
-
-
-def check_mesh(cfg: RunConfig, n_devices: int | None = None, *, sweep: bool = False) -> dict[str, int]:
-    """Check that ``cfg.mesh`` can work for ``cfg`` on ``n_devices`` (default: all devices); return
-    the resolved axis sizes. Raises :class:`ConfigError` naming the field and the constraint:
-
-    * the axis sizes must multiply to the device count (one may be -1);
-    * ``train.batch_size`` must divide by ``mesh.data × mesh.fsdp`` (the batch is split over both);
-    * every parameter dim a rule shards must divide by its axes: ``d_model`` by ``fsdp``; query
-      heads, kv heads and the FFN width by ``tensor``; experts by ``expert``;
-    * ``mesh.expert > 1`` needs a model with experts; ``mesh.runs > 1`` only applies to sweeps.
-    """
-    from jscale import models  # models import this module (constrain); import lazily
-
-    n_devices = jax.device_count() if n_devices is None else n_devices
-    sizes = mesh_sizes(cfg.mesh, n_devices)
-    split = sizes["data"] * sizes["fsdp"]
-    if cfg.train.batch_size % split:
-        raise ConfigError(f"train.batch_size: must be divisible by mesh.data × mesh.fsdp = "
-                          f"{sizes['data']} × {sizes['fsdp']} = {split} (got {cfg.train.batch_size})")
-    if sizes["runs"] > 1 and not sweep:
-        raise ConfigError(f"mesh.runs: only `jscale sweep` shards runs; a single run needs "
-                          f"mesh.runs=1 (got {sizes['runs']})")
-    shapes = jax.eval_shape(lambda: models.init(jax.random.PRNGKey(0), cfg.model))
-    seen_dims: set[str] = set()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-        dims = _leaf_dims(path, leaf.ndim)
-        if "_" in dims:
-            raise ConfigError(f"model: parameter {jax.tree_util.keystr(path)} has no shape suffix in "
-                              "its name (e.g. w_up_LDF); sharding rules are derived from it")
-        seen_dims.update(dims)
-        for d, size in zip(dims, leaf.shape, strict=True):
-            if d not in STRICT_DIMS:
-                continue
-            for axis in PARAM_RULES.get(d, ()):
-                if size % sizes[axis]:
-                    raise ConfigError(
-                        f"mesh.{axis}: must divide {DIM_FIELDS[d]} = {size} (dim {d} of parameter "
-                        f"{jax.tree_util.keystr(path)}); got mesh.{axis}={sizes[axis]}")
-    if sizes["expert"] > 1 and "E" not in seen_dims:
-        raise ConfigError(f"mesh.expert: the model has no experts (no parameter with an E dim); "
-                          f"must be 1 (got {sizes['expert']})")
-    return sizes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,7 +174,7 @@ class Layout:
     @property
     def axis_sizes(self) -> dict[str, int]:
         """Mesh axis name → size."""
-        return _axis_sizes(self.mesh)
+        return axis_sizes(self.mesh)
 
     def sharding(self, spec: P) -> NamedSharding:
         """``NamedSharding(self.mesh, spec)``."""
@@ -266,10 +182,13 @@ class Layout:
 
     def batch_sharding(self, ndim: int = 2, *, runs_axis: bool = False) -> NamedSharding:
         """Sharding of a ``[B, T, ...]`` batch array (``[R, B, T, ...]`` with ``runs_axis``)."""
-        lead = ("runs",) if runs_axis and self.axis_sizes["runs"] > 1 else ()
-        batch = tuple(a for a in ACTIVATION_RULES["B"] if self.axis_sizes[a] > 1)
-        entry = None if not batch else batch[0] if len(batch) == 1 else batch
-        return self.sharding(P(*lead, entry, *([None] * (ndim - 1))))
+        sizes = self.axis_sizes
+
+        def entry(dim: str):
+            axes = tuple(a for a in self.activation_rules.get(dim, ()) if sizes.get(a, 1) > 1)
+            return None if not axes else axes[0] if len(axes) == 1 else axes
+        lead = (entry("R"),) if runs_axis else ()
+        return self.sharding(P(*lead, entry("B"), *([None] * (ndim - 1))))
 
     def replicated(self) -> NamedSharding:
         """Fully replicated (metrics, scalars)."""
@@ -351,114 +270,3 @@ def per_shard(fn, in_dims: tuple[str | None, ...], out_dims: str):
         return jax.shard_map(fn, mesh=layout.mesh, in_specs=in_specs, out_specs=out_spec,
                              check_vma=False)(*args)
     return wrapped
-
-
-# ---------------------------------------------------------------------------------------------------
-# batches as global arrays
-
-
-def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> tuple[int, int]:
-    """The contiguous block ``[lo, hi)`` of the leading (batch) dim held by this process's devices.
-
-    Each process loads only these rows; :func:`global_batch` assembles the global array.
-    """
-    index_map = sharding.addressable_devices_indices_map(global_shape)
-    starts, stops = [], []
-    for idx in index_map.values():
-        sl = idx[0] if idx else slice(None)
-        start, stop, _ = sl.indices(global_shape[0])
-        starts.append(start)
-        stops.append(stop)
-    lo, hi = min(starts), max(stops)
-    covered = np.zeros(hi - lo, bool)
-    for s, e in zip(starts, stops, strict=True):
-        covered[s - lo:e - lo] = True
-    if not covered.all():
-        raise ConfigError("mesh: this process's devices hold a non-contiguous part of the batch; "
-                          "order the mesh so that each process's devices are adjacent on data/fsdp")
-    return lo, hi
-
-
-def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding,
-                 global_rows: int) -> dict[str, jax.Array]:
-    """Global ``jax.Array``\\ s from this process's rows of each batch array (all processes call it)."""
-    return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows, *v.shape[1:]))
-            for k, v in local.items()}
-
-
-def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global array from a host array every process holds in full (each device takes its slice)."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-# ---------------------------------------------------------------------------------------------------
-# multi-host
-
-
-#: Environment variables by which JAX's own cluster auto-detection recognizes a multi-process job.
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
-                "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-
-
-def _in_cluster() -> bool:
-    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-        return False  # a one-task SLURM job is a single process
-    if os.environ.get("OMPI_COMM_WORLD_SIZE") == "1":
-        return False
-    if "," not in os.environ.get("TPU_WORKER_HOSTNAMES", ","):
-        return False  # a single-host TPU VM
-    return any(os.environ.get(v) for v in _CLUSTER_ENV)
-
-
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
-    """Join a multi-process JAX job; returns whether one was joined.
-
-    With ``coordinator`` (``HOST:PORT``), ``num_processes`` and ``process_id`` given, joins that job
-    (``jax.distributed.initialize``). With none of them, JAX's own cluster auto-detection runs when
-    the environment is a multi-process job (TPU pod slice, SLURM with several tasks, Open MPI, or
-    ``JAX_COORDINATOR_ADDRESS``); otherwise this is a single-process run and nothing happens. CPU
-    collectives use gloo, so the same code runs across processes on CPU-only hosts. Must be called
-    before any other JAX computation.
-    """
-    given = [coordinator is not None, num_processes is not None, process_id is not None]
-    if any(given) and not all(given):
-        raise ConfigError("--coordinator, --num-processes and --process-id go together "
-                          "(give all three, or none for auto-detection)")
-    if not any(given) and not _in_cluster():
-        return False
-    if num_processes is not None:
-        if num_processes < 1:
-            raise ConfigError(f"--num-processes: must be >= 1 (got {num_processes})")
-        if not 0 <= process_id < num_processes:
-            raise ConfigError(f"--process-id: must be in [0, --num-processes={num_processes}) "
-                              f"(got {process_id})")
-        if ":" not in coordinator:
-            raise ConfigError(f"--coordinator: must be HOST:PORT (got {coordinator!r})")
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
-    return True
-
-
-def is_primary() -> bool:
-    """True on the process that writes metrics, results and summaries (process 0)."""
-    return jax.process_index() == 0
-
-
-def add_distributed_arguments(parser) -> None:
-    """``--coordinator HOST:PORT --num-processes N --process-id I`` on an argparse parser."""
-    group = parser.add_argument_group(
-        "multi-process", "run one process per host, each with the same command and its own "
-        "--process-id; with none of these flags, JAX's cluster auto-detection is used on TPU pods, "
-        "SLURM and Open MPI jobs")
-    group.add_argument("--coordinator", metavar="HOST:PORT",
-                       help="address of process 0's coordination service")
-    group.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
-    group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
-
-
-def initialize_from_args(args) -> bool:
-    """:func:`initialize_distributed` from :func:`add_distributed_arguments`' options."""
-    return initialize_distributed(args.coordinator, args.num_processes, args.process_id)

@@ -7,8 +7,8 @@ from typing import Literal
 import pytest
 
 import jscale
-from jscale import sweep
-from jscale.config import ConfigError, check, coerce, parse_overrides, register_model_config
+from jscale import registry, sweep
+from jscale.config import ConfigError, check, coerce, parse_overrides
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def test_presets_listed_and_sized(tiny):
 
 
 def test_unknown_preset_lists_names():
-    with pytest.raises(KeyError, match="presets: mamba-small, mamba-tiny, small, tiny"):
+    with pytest.raises(KeyError, match="presets: mamba-small, mamba-tiny, moe-small, moe-tiny, small, tiny"):
         jscale.presets.get("huge")
 
 
@@ -115,11 +115,21 @@ class _DummyNested:
         check(self.sub.width <= 64, "model.sub.width", "must be <= 64", self.sub.width)
 
 
+class _DummyNestedFamily:
+    """A config-only family: all RunConfig asks of a family is its name, config and max_seq_len."""
+
+    name = "dummy-nested"
+    config_cls = _DummyNested
+
+    def max_seq_len(self, cfg):
+        return cfg.max_seq_len
+
+
 @pytest.fixture
 def nested():
-    register_model_config("dummy-nested", _DummyNested)
+    registry.register(_DummyNestedFamily())
     yield jscale.RunConfig(model=_DummyNested())
-    del jscale.config._MODEL_FAMILIES["dummy-nested"]
+    registry.unregister("dummy-nested")
 
 
 def test_nested_valid_keys_list_leaves(nested):

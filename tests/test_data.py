@@ -1,4 +1,5 @@
-"""Data pipeline: corpus reading, train/validation split, tokenizers, packing, grain iterators."""
+"""Data pipeline and tokenizers: corpus reading, train/validation split, byte and BPE tokenizers
+(jscale.tokenize), packing, grain iterators."""
 
 import json
 import lzma
@@ -8,9 +9,6 @@ import pytest
 
 from jscale.config import BYTE_VOCAB_SIZE, ConfigError, DataConfig
 from jscale.data import (
-    BYTE_EOS_ID,
-    BPETokenizer,
-    ByteTokenizer,
     Corpus,
     DataError,
     WindowSource,
@@ -23,6 +21,7 @@ from jscale.data import (
     pack,
     train_dataset,
 )
+from jscale.tokenize import BYTE_EOS_ID, BPETokenizer, ByteTokenizer
 
 T = 16  # sequence length used by the small synthetic tests
 

@@ -8,7 +8,7 @@ import pytest
 
 import jscale
 from jscale import sweep
-from jscale.sweep.script import load_script
+from jscale.cli.script import load_script
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -76,3 +76,62 @@ def test_lr_rule_pilot_brackets_the_rule():
         assert min(lrs) < rule < max(lrs) and len(lrs) == 5
     assert len(by_size) == 4 and {r.train.flops_budget for r in runs} == {3e11}
     assert np.ptp(list(by_size)) > 0
+
+
+def _isoflop_table(budgets=(1e15, 3e15, 1e16), n_sizes=5, seed=0):
+    """A results frame of an IsoFLOP grid (as jscale.sweep.load returns it) for a known law."""
+    import pandas as pd
+
+    from jscale import laws
+    true = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+    g = (true["alpha"] * true["A"] / (true["beta"] * true["B"])) ** (1 / (true["alpha"] + true["beta"]))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for C in budgets:
+        n_opt = g * (C / 6) ** (true["beta"] / (true["alpha"] + true["beta"]))
+        for i, n in enumerate(n_opt * np.geomspace(0.25, 4.0, n_sizes)):
+            n = float(round(n))
+            fpt = 6.0 * n + 6.0 * 64 * 257
+            d = C / fpt
+            loss = float(laws.chinchilla(true, n, d) * math.exp(rng.normal(0, 0.01)))
+            rows.append(dict(run_id=f"{C:.3g}-{i}", status="ok", error=None, n_params=n + 2 * 257 * 64,
+                             n_params_non_embedding=n, tokens=d, flops=fpt * d, flops_per_token=fpt,
+                             budget=float(C), final_eval_loss=loss, final_train_loss=loss * 0.98,
+                             diverged=False, **{"model.vocab_size": 257, "model.d_model": 64}))
+    rows.append(dict(run_id="failed", status="failed", error="config: impossible"))
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.slow
+def test_isoflop_analyze_fits_each_law_once(isoflop, tmp_path, monkeypatch, capsys):
+    """The main job's analysis: Approach 2 and Approach 3 (and their bootstraps) are each fitted once
+    on the runs; the next-budget allocation reuses the report's fit and bootstrap samples."""
+    from jscale.laws import fitting, uncertainty
+    from jscale.laws import isoflop as approach2
+
+    calls = []
+
+    def counting(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(name if name != "fit" else
+                         (name, args[0].name, tuple(np.asarray(v).tobytes() for v in
+                                                    dict(args[1]).values())))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    counting(fitting, "fit")
+    counting(uncertainty, "fit")
+    counting(approach2, "fit_isoflop")
+    counting(approach2, "bootstrap_isoflop")
+    counting(uncertainty, "bootstrap")
+    isoflop.analyze(_isoflop_table(), tmp_path)
+    out = capsys.readouterr().out
+    fits = [c for c in calls if isinstance(c, tuple)]
+    assert len(fits) == len(set(fits)) == 3    # Approach 3, extrapolation (fewer runs), Kaplan's N
+    assert calls.count("fit_isoflop") == calls.count("bootstrap_isoflop") == 1
+    assert calls.count("bootstrap") == 1
+    assert "== Next budget up, C = 3.33e+16" in out and "Approach 2 not possible" not in out
+    summary = (tmp_path / "summary.json").read_text()
+    assert '"approach2": {' in summary and '"next_budget"' in summary

@@ -5,6 +5,7 @@ extrapolation, and ``jscale fit`` on a results directory."""
 
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from scipy.optimize import minimize
 from jscale import laws
 from jscale.cli import main as cli_main
 from jscale.laws import forms, optimize, published, report
-from jscale.sweep.store import ResultsStore
+from jscale.sweep.store import ResultsStore, load
 
 EPOCH = dict(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)
 EPOCH_RERUN_AB = (478.0, 2143.0)
@@ -211,7 +212,7 @@ def test_active_bound_is_respected():
     y = laws.power_law(dict(E=1.0, A=10.0, alpha=0.5), x)
     f = laws.fit(_user_power_law, {"x": x}, y, {"E": [0.5, 1.5], "A": [5.0, 20.0],
                                                  "alpha": [0.2, 0.3]}, bounds={"alpha": (0.0, 0.4)})
-    assert f.alpha == pytest.approx(0.4, abs=1e-12) and f.alpha <= 0.4
+    assert f.alpha == pytest.approx(0.4, abs=tol.F64_IDENTITY_RTOL) and f.alpha <= 0.4
 
 
 def test_fit_result_api(epoch_fit, epoch):
@@ -221,7 +222,7 @@ def test_fit_result_api(epoch_fit, epoch):
         _ = f.k
     n, d = epoch["N"].to_numpy()[:5], epoch["D"].to_numpy()[:5]
     np.testing.assert_allclose(f.predict(n, d), f.predict(N=n, D=d))
-    np.testing.assert_allclose(f.predict(n, d), laws.chinchilla(f.params, n, d), rtol=1e-12)
+    np.testing.assert_allclose(f.predict(n, d), laws.chinchilla(f.params, n, d), rtol=tol.F64_IDENTITY_RTOL)
     assert f.residuals().shape == (240,)
     d = f.to_dict()
     json.dumps(d)
@@ -259,7 +260,7 @@ def test_closed_form_allocation_matches_numeric(epoch_fit):
     assert f.a == pytest.approx(f.beta / (f.alpha + f.beta)) and f.a + f.b == pytest.approx(1.0)
     C = np.array([1e18, 1e21, 5.76e23, 1e26])
     N, D = f.N_opt(C), f.D_opt(C)
-    np.testing.assert_allclose(6 * N * D, C, rtol=1e-12)
+    np.testing.assert_allclose(6 * N * D, C, rtol=tol.F64_IDENTITY_RTOL)
     N_num, D_num = f.compute_optimal(C)                             # numeric, C = 6ND
     np.testing.assert_allclose(N_num, N, rtol=tol.ALLOCATION_NUMERIC_RTOL)
     np.testing.assert_allclose(D_num, D, rtol=tol.ALLOCATION_NUMERIC_RTOL)
@@ -268,16 +269,6 @@ def test_closed_form_allocation_matches_numeric(epoch_fit):
     # a model family that spends more FLOPs per token than 6N gets fewer tokens at the optimum
     N_f, D_f = f.compute_optimal(C, lambda n: 6 * n + 1e9)
     assert np.all(D_f < D) and np.all(np.isfinite(N_f))
-
-
-def test_family_flops_per_token_is_the_family_count():
-    from jscale import models, presets
-    from jscale.sweep import shape_for_params
-    base = presets.get("tiny").model
-    fpt = laws.family_flops_per_token(base, 128, n_min=1e5, n_max=1e7, points=5)
-    cfg = shape_for_params(1e6, base)
-    n = models.count_params(cfg)["non_embedding"]
-    assert fpt(np.array([n]))[0] == pytest.approx(models.flops_per_token(cfg, 128)["training"])
 
 
 def test_approach2_on_synthetic_isoflop_profiles():
@@ -293,7 +284,7 @@ def test_approach2_on_synthetic_isoflop_profiles():
     assert iso.a == pytest.approx(a, abs=tol.ISOFLOP_EXPONENT_ATOL)
     assert iso.b == pytest.approx(1 - a, abs=tol.ISOFLOP_EXPONENT_ATOL)
     np.testing.assert_allclose(iso.N_min, TRUE_N_OPT(budgets), rtol=tol.ISOFLOP_MINIMUM_RTOL)
-    np.testing.assert_allclose(iso.N_opt(budgets), iso.N_min, rtol=1e-6)
+    np.testing.assert_allclose(iso.N_opt(budgets), iso.N_min, rtol=tol.ISOFLOP_POWER_LAW_THROUGH_MINIMA_RTOL)
     boot = laws.bootstrap_isoflop(iso, 100, budgets=[1e22])
     lo, hi = boot.intervals["a"]
     assert lo <= iso.a <= hi and boot.N_opt.shape == (1, 2) and boot.n_failed == 0
@@ -334,12 +325,17 @@ def test_bootstrap_intervals(epoch_fit):
     assert np.all(bf.N_opt[:, 0] < N_f) and np.all(N_f < bf.N_opt[:, 1])
     assert np.all(bf.D_opt[:, 0] < D_f) and np.all(D_f < bf.D_opt[:, 1])
     assert np.all(bf.D_opt < b.D_opt)           # more FLOPs per token than 6N: fewer tokens
+    # more budgets from the same resamples, no refit: exactly what the bootstrap reports
+    for boot, f in ((b, None), (bf, fpt)):
+        N_iv, D_iv = boot.allocation_intervals(C, f)
+        np.testing.assert_array_equal(N_iv, boot.N_opt)
+        np.testing.assert_array_equal(D_iv, boot.D_opt)
     # the vectorised allocation over samples ≡ one sample at a time
     Ns, Ds = laws.allocation_samples(bf.samples, C, fpt)
     for i in (0, 17, 99):
         n_i, d_i = laws.compute_optimal({k: v[i] for k, v in bf.samples.items()}, C, fpt)
-        np.testing.assert_allclose(Ns[:, i], n_i, rtol=1e-12)
-        np.testing.assert_allclose(Ds[:, i], d_i, rtol=1e-12)
+        np.testing.assert_allclose(Ns[:, i], n_i, rtol=tol.F64_IDENTITY_RTOL)
+        np.testing.assert_allclose(Ds[:, i], d_i, rtol=tol.F64_IDENTITY_RTOL)
 
 
 def test_bootstrap_refits_every_resample_from_a_multistart(toy_fit):
@@ -439,7 +435,7 @@ def test_usable_runs_n_conventions():
     # the runs' own FLOPs per token, as a function of N in the same convention
     runs = report.usable_runs(_table(), n_params="with_head")
     fpt = report.runs_flops_per_token(runs)
-    np.testing.assert_allclose(fpt(runs["N"].to_numpy()), runs["flops_per_token"], rtol=1e-12)
+    np.testing.assert_allclose(fpt(runs["N"].to_numpy()), runs["flops_per_token"], rtol=tol.F64_IDENTITY_RTOL)
     with pytest.raises(report.FitInputError, match="flops_per_token"):
         report.runs_flops_per_token(runs.drop(columns="flops_per_token"))
 
@@ -538,3 +534,29 @@ def test_cli_fit_isoflop_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["fit", str(d), "--law", "kaplan"])
     assert e.value.code == 2
+
+
+def test_report_returns_the_fit_objects_and_reuses_approach2(tmp_path, monkeypatch):
+    """``report.analyze`` returns the fits it made (nothing has to be fitted again) and draws a
+    given Approach 2 fit beside Approach 3 instead of refitting it; the JSON dict is fit.json."""
+    from jscale.laws import isoflop
+    df = load(_results_dir(tmp_path / "sweep", n_budgets=3, n_sizes=7))
+    rep2 = report.analyze(df, tmp_path / "a2", law="isoflop", bootstrap=20, echo=lambda _: None)
+    assert rep2.law == "isoflop" and isinstance(rep2.fit, laws.IsoFlopFit)
+    assert isinstance(rep2.bootstrap, laws.IsoFlopBootstrap) and rep2.approach2 is None
+    assert rep2.summary == json.loads((tmp_path / "a2" / "fit.json").read_text())
+    assert rep2.summary["fit"] == json.loads(json.dumps(rep2.fit.to_dict()))
+    assert len(rep2.runs) == 21 and rep2.flops_per_token is not None
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("Approach 2 fitted again")
+    monkeypatch.setattr(isoflop, "fit_isoflop", no_refit)
+    rep3 = report.analyze(df, tmp_path / "a3", law="chinchilla", bootstrap=0,
+                          approach2=rep2.fit, echo=lambda _: None)
+    assert isinstance(rep3.fit, laws.ChinchillaFit) and rep3.bootstrap is None
+    assert rep3.approach2 is rep2.fit and rep3.fit.n_points == 21
+    assert rep3.summary["fit"] == json.loads(json.dumps(rep3.fit.to_dict()))
+    assert {os.path.basename(p) for p in rep3.summary["plots"]} == {
+        "fit_vs_observed.png", "isoflop.png", "frontier.png"}
+    with pytest.raises(report.FitInputError, match="streams"):        # no default column
+        report.analyze(df, tmp_path / "ps", law="parscale", bootstrap=0, echo=lambda _: None)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tolerances as tol
 
-from jscale import laws, plots
-from jscale.laws import published
+from jscale import laws
+from jscale.laws import plots, published
 
 TRUE = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 

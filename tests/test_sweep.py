@@ -4,7 +4,6 @@ results store, failures, the runs mesh axis, and kill-and-resume equality."""
 import dataclasses
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -14,17 +13,19 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import STATE_LEAF, STATE_METRIC, env, metrics_rows, micro_cfg, patch_stateful_forward
 from tolerances import F32_REORDER, SWEEP_VMAP_VS_SEQUENTIAL
 
 import jscale
-from jscale import sweep, train
+from jscale import core, sweep, train
 from jscale.config import ConfigError, parse_overrides
 from jscale.sweep import group as group_lib
+from jscale.sweep import strategy as strategy_lib
 
 MICRO = ["model.d_model=32", "model.n_layers=1", "model.d_ff=64", "model.n_heads=2",
          "model.n_kv_heads=1", "train.seq_len=32", "train.batch_size=4", "train.steps=12",
          "train.log_every=4", "train.eval_every=6", "train.eval_batches=1", "optim.warmup_steps=2"]
-BASE = jscale.presets.get("tiny").override(parse_overrides(MICRO))
+BASE = micro_cfg(MICRO)
 TIMING = {"wall_time_s", "group_wall_time_s"}
 
 
@@ -42,12 +43,12 @@ GROUP_B = sweep.product(BASE, **{"model.d_model": [48], "model.n_heads": [3]})
 def traced(monkeypatch_module):
     """Count traces of the train step (each one is a compilation)."""
     calls = []
-    original = train.train_step
+    original = core.train_step
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
-    monkeypatch_module.setattr(train, "train_step", counting)
+    monkeypatch_module.setattr(core, "train_step", counting)
     return calls
 
 
@@ -143,12 +144,14 @@ def test_init_scale_as_data_matches_config(cfg):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **F32_REORDER), scaled, direct)
 
 
+@pytest.mark.slow
 def test_one_compile_per_group(vmap_df):
     assert vmap_df["group_id"].nunique() == 2
     assert vmap_df.attrs["compiles"] == 2
     assert set(vmap_df["group_compiles"]) == {1}
 
 
+@pytest.mark.slow
 def test_vmap_equals_sequential(vmap_df, sequential_df):
     assert list(vmap_df["run_id"]) == list(sequential_df["run_id"])
     for col in ("final_train_loss", "final_eval_loss", "min_eval_loss"):
@@ -156,6 +159,7 @@ def test_vmap_equals_sequential(vmap_df, sequential_df):
     assert set(vmap_df["strategy"]) == {"vmap"} and set(sequential_df["strategy"]) == {"sequential"}
 
 
+@pytest.mark.slow
 def test_results_rows(vmap_df):
     out = vmap_df.attrs["out"]
     row = vmap_df.iloc[2]  # the member with 8 steps
@@ -175,6 +179,7 @@ def test_results_rows(vmap_df):
     assert _comparable(sweep.load(out)) == _comparable(vmap_df)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad_lr", [1e30, 30.0], ids=["nan", "finite"])
 def test_divergence_isolated(vmap_df, tmp_path, bad_lr):
     # lr 1e30 turns the loss NaN; lr 30 keeps it finite but thousands of nats above ln V.
@@ -186,6 +191,7 @@ def test_divergence_isolated(vmap_df, tmp_path, bad_lr):
         assert df[col].iloc[:3].tolist() == vmap_df[col].iloc[:3].tolist()
 
 
+@pytest.mark.slow
 def test_runs_beyond_max_epochs_fail_and_the_others_train(tmp_path):
     corpus = tmp_path / "small.txt"  # ~2,500 training tokens
     corpus.write_text("\n\n".join(f"document {i}: " + "scaling laws " * 12 for i in range(16)))
@@ -197,6 +203,7 @@ def test_runs_beyond_max_epochs_fail_and_the_others_train(tmp_path):
     assert "data.max_epochs" in df["error"].iloc[1] and "10.1 epochs" in df["error"].iloc[1]
 
 
+@pytest.mark.slow
 def test_group_stops_when_every_member_has_diverged(tmp_path, monkeypatch):
     steps = []
     original = group_lib._due
@@ -210,6 +217,7 @@ def test_group_stops_when_every_member_has_diverged(tmp_path, monkeypatch):
     assert df["diverged"].all() and max(steps) == 4  # the first row (step 4), not all 12 steps
 
 
+@pytest.mark.slow
 def test_failed_runs_are_reported_and_the_sweep_goes_on(tmp_path):
     bad_data = BASE.override({"data.path": str(tmp_path / "missing.txt"), "model.d_model": 40,
                               "model.n_heads": 2})
@@ -220,6 +228,7 @@ def test_failed_runs_are_reported_and_the_sweep_goes_on(tmp_path):
     assert np.isfinite(df["final_eval_loss"].iloc[2])
 
 
+@pytest.mark.slow
 def test_max_group_size_splits(vmap_df, tmp_path):
     df = sweep.run(_group_a(), tmp_path, strategy="vmap", max_group_size=2, progress=False)
     assert df["group_size"].tolist() == [2, 2, 2, 2]
@@ -227,6 +236,7 @@ def test_max_group_size_splits(vmap_df, tmp_path):
                                **SWEEP_VMAP_VS_SEQUENTIAL)
 
 
+@pytest.mark.slow
 def test_runs_axis_sharded_over_devices(vmap_df, tmp_path):
     """A group on mesh runs=4 × data=2: members over `runs`, each member's batch over `data`;
     the results equal the unsharded group's."""
@@ -246,6 +256,7 @@ def test_runs_axis_sharded_over_devices(vmap_df, tmp_path):
         group_lib.build_programs(group_lib.signature(runs[0]), "sequential", layout)
 
 
+@pytest.mark.slow
 def test_auto_probes_once_and_records_its_choice(tmp_path):
     runs = sweep.product(BASE, **{"model.d_model": [48], "model.n_heads": [3], "train.seed": [0, 1]})
     df = sweep.run(runs, tmp_path, strategy="auto", progress=False)
@@ -261,6 +272,7 @@ def test_auto_probes_once_and_records_its_choice(tmp_path):
 SCRIPT = """
 import sys
 import jscale
+import jscale.cli
 from jscale import sweep
 from jscale.config import parse_overrides
 
@@ -283,23 +295,21 @@ if __name__ == "__main__":
                 time.sleep(30)  # the test kills the sweep here, after the first group committed
             return run_group(*args, **kwargs)
         group.run_group = slow
-    sweep.main(grid)
+    jscale.cli.experiment(grid)
 """
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     script = tmp_path / "exp.py"
     script.write_text(SCRIPT.format(micro=MICRO))
-    repo = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": repo}
-
     def cmd(out, *extra):
         return [sys.executable, str(script), "--preset", "cpu", "--out", str(out),
                 "--strategy", "vmap", "--quiet", *extra]
 
-    subprocess.run(cmd(tmp_path / "full"), env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(cmd(tmp_path / "full"), env=env(), check=True, capture_output=True, timeout=600)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(killed, "--slow-second-group"), env=env,
+    proc = subprocess.Popen(cmd(killed, "--slow-second-group"), env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results = killed / "results.jsonl"
     while proc.poll() is None and not (results.exists() and results.read_text().count("\n") >= 2):
@@ -309,7 +319,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     proc.wait()
     assert len(sweep.load(killed)) == 2  # the first group committed, the second not
     # The same line via `jscale sweep` resumes and completes it.
-    subprocess.run([sys.executable, "-m", "jscale.cli", "sweep", *cmd(killed)[1:]], env=env,
+    subprocess.run([sys.executable, "-m", "jscale.cli", "sweep", *cmd(killed)[1:]], env=env(),
                    check=True, capture_output=True, timeout=600)
     full, resumed = sweep.load(tmp_path / "full"), sweep.load(killed)
     assert len(resumed) == 3 and resumed["run_id"].is_unique
@@ -318,6 +328,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
             _comparable(resumed.sort_values(key).reset_index(drop=True)))
 
 
+@pytest.mark.slow
 def test_mamba_runs_in_a_sweep(tmp_path):
     base = jscale.presets.get("mamba-tiny").override(parse_overrides(
         ["model.d_model=16", "model.n_layers=1", "model.d_state=4", "train.seq_len=32",
@@ -331,17 +342,18 @@ def test_mamba_runs_in_a_sweep(tmp_path):
 
 MESH_SCRIPT = """
 import json
-from jscale import sweep
+import jscale.cli
 from jscale.config import RunConfig
 
 def grid(preset):
     return [RunConfig.from_dict(d) for d in json.loads(open({runs!r}).read())]
 
 if __name__ == "__main__":
-    sweep.main(grid)
+    jscale.cli.experiment(grid)
 """
 
 
+@pytest.mark.slow
 def test_two_process_sweep_equals_unsharded(vmap_df, tmp_path, free_port):
     """`jscale sweep` as two processes × 4 CPU devices (mesh runs=4, data=2) gives the unsharded
     group's results; only process 0 writes the results store."""
@@ -349,14 +361,12 @@ def test_two_process_sweep_equals_unsharded(vmap_df, tmp_path, free_port):
     (tmp_path / "runs.json").write_text(json.dumps([r.to_dict() for r in runs]))
     script = tmp_path / "exp.py"
     script.write_text(MESH_SCRIPT.format(runs=str(tmp_path / "runs.json")))
-    repo = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "jscale.cli", "sweep", str(script), "--preset", "mesh", "--out",
          str(tmp_path / "out"), "--quiet", "--coordinator", f"localhost:{free_port}",
          "--num-processes", "2", "--process-id", str(i)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        env=env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     for i, proc in enumerate(procs):
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"process {i}:\n{err[-3000:]}"
@@ -388,9 +398,9 @@ def _fake_probe(members, *args, **kwargs):
 def test_auto_resume_trains_each_chunk_with_its_own_decision(tmp_path, monkeypatch):
     """Kill after chunk 0 of 2 committed, resume: chunk 1 keeps its own (sequential) decision instead
     of inheriting chunk 0's (vmap), so the resumed table equals the uninterrupted one bitwise."""
-    monkeypatch.setattr(execute, "_probe", _fake_probe)
-    programs = execute._ProgramCache()  # the three sweeps share compiled programs (test speed)
-    monkeypatch.setattr(execute, "_ProgramCache", lambda: programs)
+    monkeypatch.setattr(strategy_lib, "probe_strategies", _fake_probe)
+    programs = strategy_lib.ProgramCache()  # the three sweeps share compiled programs (test speed)
+    monkeypatch.setattr(strategy_lib, "ProgramCache", lambda: programs)
     runs = sweep.product(BASE, **{"train.seed": [0, 1], "optim.lr": [1e-3, 3e-3]})
     kw = dict(strategy="auto", max_group_size=2, progress=False)
     full = sweep.run(runs, tmp_path / "full", **kw)
@@ -414,7 +424,8 @@ def test_auto_resume_trains_each_chunk_with_its_own_decision(tmp_path, monkeypat
 
 
 def test_decide_strategy_prefers_sequential_within_noise():
-    decide = execute.decide_strategy
+    decide = strategy_lib.decide_strategy
+    assert execute.decide_strategy is decide  # still importable from where it was
     clear = decide([0.50, 0.52, 0.49, 0.51, 0.50])
     assert clear["choice"] == "vmap" and clear["ratio"] == 0.50 and clear["verdict"] == "vmap faster"
     assert clear["spread"] == pytest.approx(0.03 / (2 * 0.50))
@@ -430,7 +441,7 @@ def test_decide_strategy_prefers_sequential_within_noise():
     assert decide([0.5, float("nan"), 0.5])["repeats"] == 2
     with pytest.raises(ValueError, match="no finite"):
         decide([])
-    line = execute._describe("sequential", {**noisy, "vmap_s_per_step": 1.0,
+    line = strategy_lib.describe("sequential", {**noisy, "vmap_s_per_step": 1.0,
                                             "sequential_s_per_step": 1.2})
     assert "0.82 ± 0.37 over 5 repeats" in line and "within noise" in line
 
@@ -442,13 +453,13 @@ def test_auto_probe_stays_in_the_sweep_unless_global(tmp_path, monkeypatch):
     monkeypatch.setenv("JSCALE_CACHE", str(cache))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("JSCALE_STRATEGY_CACHE", raising=False)
-    programs = execute._ProgramCache()  # the sweeps share compiled programs (test speed)
-    monkeypatch.setattr(execute, "_ProgramCache", lambda: programs)
+    programs = strategy_lib.ProgramCache()  # the sweeps share compiled programs (test speed)
+    monkeypatch.setattr(strategy_lib, "ProgramCache", lambda: programs)
     runs = sweep.product(BASE, **{"train.seed": [0, 1]})
     df = sweep.run(runs, tmp_path / "a", strategy="auto", progress=False)
     assert list(cache.iterdir()) == [] and not (tmp_path / "home").exists()
     (probe,) = json.loads((tmp_path / "a" / "strategies.json").read_text()).values()
-    assert probe["repeats"] == execute.PROBE_REPEATS and probe["spread"] >= 0
+    assert probe["repeats"] == strategy_lib.PROBE_REPEATS and probe["spread"] >= 0
     assert probe["choice"] == ("vmap" if probe["ratio"] < probe["threshold"] else "sequential")
     assert set(df["strategy"]) == {probe["choice"]}
 
@@ -457,7 +468,8 @@ def test_auto_probe_stays_in_the_sweep_unless_global(tmp_path, monkeypatch):
     assert len(shared) == 1
     # Opted in by the environment variable, another sweep reuses the shared probe: no probing.
     monkeypatch.setenv("JSCALE_STRATEGY_CACHE", "global")
-    monkeypatch.setattr(execute, "_probe", lambda *a, **k: pytest.fail("probed again"))
+    monkeypatch.setattr(strategy_lib, "probe_strategies",
+                        lambda *a, **k: pytest.fail("probed again"))
     sweep.run(runs, tmp_path / "c", strategy="auto", progress=False)
     (probe_c,) = json.loads((tmp_path / "c" / "strategies.json").read_text()).values()
     assert probe_c["cached"] and probe_c["ratio"] == next(iter(shared.values()))["ratio"]
@@ -504,6 +516,7 @@ def test_run_id_ignores_where_a_run_runs_and_caches():
     assert execute._digest(sig.to_dict()) != execute._digest(sig_moved.to_dict())
 
 
+@pytest.mark.slow
 def test_rerun_on_another_mesh_skips_finished_runs(vmap_df, traced, tmp_path):
     import shutil
     out = tmp_path / "copy"
@@ -529,7 +542,7 @@ def test_isoflop_with_one_size_and_none():
 def test_lr_sweep_analysis_does_not_count_failed_runs_as_diverged(tmp_path, capsys):
     import pandas as pd
 
-    from jscale.sweep.script import load_script
+    from jscale.cli.script import load_script
     lr_sweep = load_script(Path(__file__).resolve().parents[1] / "experiments" / "lr_sweep.py")
     common = {"n_params": 1000, "tokens": 5000}
     df = pd.DataFrame([
@@ -547,7 +560,7 @@ def test_lr_sweep_analysis_does_not_count_failed_runs_as_diverged(tmp_path, caps
 
 
 def test_experiment_script_overrides_reach_the_grid_and_every_run():
-    from jscale.sweep.script import build_grid
+    from jscale.cli.script import build_grid
 
     def grid(preset):
         return sweep.product(BASE, **{"optim.lr": [1e-3, 2e-3]})
@@ -564,3 +577,57 @@ def test_experiment_script_overrides_reach_the_grid_and_every_run():
     assert seen == {"data.val_every": "5"}
     with pytest.raises(ConfigError, match="unknown config key"):
         build_grid(grid, "cpu", {"train.sed": "3"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue #12: one training core — aux metrics and model state in sweeps, rows built like train()'s.
+
+
+@pytest.mark.slow
+def test_aux_metrics_and_model_state_per_member_in_a_sweep(tmp_path, monkeypatch):
+    """Every aux value reaches the sweep curves; the non-gradient model state is per member in a
+    vmapped group: updated only while the member is active, frozen with the rest of its state."""
+    patch_stateful_forward(monkeypatch)
+    runs = _group_a()  # 12, 12, 8, 12 steps
+    df = sweep.run(runs, tmp_path, strategy="vmap", progress=False)
+    for rid, r in zip(df["run_id"], runs, strict=True):
+        curve = sweep.load_curve(tmp_path, rid)
+        assert list(curve[STATE_METRIC]) == [s - 1 for s in curve["step"]]  # the state it was given
+        assert curve["step"].iloc[-1] == r.train.steps and curve["logit_mean"].notna().all()
+    common = group_lib.signature(runs[0])
+    progs = group_lib.build_programs(common, "vmap")
+    state, alive = progs.init(group_lib._member_data(runs[:3]))
+    batch = {k: np.zeros((3, 4, 32), np.int32) for k in ("inputs", "targets", "segment_ids")}
+    for step in range(3):
+        state, alive, _ = progs.step(state, alive, batch, np.array([True, step < 1, False]))
+    np.testing.assert_array_equal(state.model_state[STATE_LEAF], [3, 1, 0])
+    np.testing.assert_array_equal(state.step, [3, 1, 0])
+
+
+@pytest.mark.slow
+def test_a_sweep_members_curve_is_its_train_rows(tmp_path):
+    """A sweep member's curve and result come from the same builders as a single run's rows and
+    summary: the same keys, the same values (within a vmapped-vs-alone tolerance)."""
+    member = _group_a()[1]
+    df = sweep.run(_group_a()[:2], tmp_path / "sweep", strategy="vmap", progress=False)
+    alone = train.train(member.override({"train.checkpoint_every": 0}), tmp_path / "alone",
+                        quiet=True)
+    curve = jscale.files.read_jsonl(tmp_path / "sweep" / "curves" / f"{df['run_id'].iloc[1]}.jsonl")
+    rows = metrics_rows(tmp_path / "alone")
+    assert [list(r) for r in curve] == [list(r) for r in rows]
+    for got, want in zip(curve, rows, strict=True):
+        for k, v in want.items():
+            if isinstance(v, float) and k not in ("step", "tokens"):
+                np.testing.assert_allclose(got[k], v, **SWEEP_VMAP_VS_SEQUENTIAL, err_msg=k)
+            else:
+                assert got[k] == v, k
+    result = df.iloc[1].to_dict()
+    for k, v in alone.items():
+        if k == "wall_time_s":
+            continue
+        if v is None:
+            assert result[k] is None or np.isnan(result[k]), k
+        elif isinstance(v, float):
+            np.testing.assert_allclose(result[k], v, **SWEEP_VMAP_VS_SEQUENTIAL, err_msg=k)
+        else:
+            assert result[k] == v, k

@@ -1,7 +1,9 @@
-"""Training end to end: the CLI, outputs, divergence, schedules, and exact resume after SIGKILL."""
+"""Training end to end: the CLI, outputs, divergence, schedules, exact resume after SIGKILL, aux
+metrics and model state through the core, and starting from given parameters."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +14,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import (
+    STATE_LEAF,
+    STATE_METRIC,
+    cli_popen,
+    env,
+    finish,
+    metrics_rows,
+    micro_cfg,
+    patch_stateful_forward,
+    train_args,
+)
+from tolerances import F32_FORMULA_RTOL
 
 import jscale
 from jscale import optim
-from jscale.train import train
+from jscale.config import ConfigError
+from jscale.train import load_state, train
 
 # A very small run (a few seconds of compute) used everywhere below.
 MICRO = ["model.d_model=32", "model.n_layers=2", "model.d_ff=64", "model.n_heads=2",
@@ -25,51 +40,28 @@ MICRO = ["model.d_model=32", "model.n_layers=2", "model.d_ff=64", "model.n_heads
 
 
 def _micro_cfg(**extra):
-    from jscale.config import parse_overrides
-    return jscale.presets.get("tiny").override(parse_overrides(MICRO)).override(extra)
+    return micro_cfg(MICRO, **extra)
 
 
 def _train_args(out: Path, *extra: str) -> list[str]:
     """``jscale train`` arguments (after the program name) for the MICRO run into ``out``."""
-    args = ["train", "--preset", "tiny", "--out", str(out), "--quiet"]
-    for s in MICRO + list(extra):
-        args += ["--set", s]
-    return args
+    return train_args(out, MICRO, *extra)
 
 
-def _cli(out: Path, *extra: str, **popen_kw):
-    return subprocess.Popen([sys.executable, "-m", "jscale.cli", *_train_args(out, *extra)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            **popen_kw)
+def _cli(out: Path, *extra: str):
+    return cli_popen(_train_args(out, *extra))
 
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get(
-        "PYTHONPATH", "")
-    return env
-
-
-def _finish(proc) -> None:
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
-
-
-def _rows(out: Path):
-    """metrics.jsonl without the timing fields (which legitimately differ between runs)."""
-    timing = {"tokens_per_s", "wall_time_s"}
-    return [{k: v for k, v in json.loads(line).items() if k not in timing}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     """The uninterrupted CLI run that every resumed run must reproduce exactly."""
     out = tmp_path_factory.mktemp("reference")
-    _finish(_cli(out))
+    finish(_cli(out))
     return out
 
 
+@pytest.mark.slow
 def test_cli_run_writes_outputs(reference_run):
     cfg = json.loads((reference_run / "config.json").read_text())
     assert cfg["model"]["d_model"] == 32 and cfg["train"]["steps"] == 24
@@ -109,10 +101,11 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_during_training(reference_run, tmp_path):
     out = tmp_path / "killed"
     args = _train_args(out)
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS, *args], env=_env(),
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS, *args], env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = out / "metrics.jsonl"
     while proc.poll() is None:  # kill once it is past the first checkpoint, mid-training
@@ -123,8 +116,8 @@ def test_resume_after_sigkill_during_training(reference_run, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists()
-    _finish(_cli(out))  # the same command resumes
-    assert _rows(out) == _rows(reference_run)
+    finish(_cli(out))  # the same command resumes
+    assert metrics_rows(out) == metrics_rows(reference_run)
     assert (json.loads((out / "summary.json").read_text())["final_train_loss"] ==
             json.loads((reference_run / "summary.json").read_text())["final_train_loss"])
 
@@ -145,24 +138,27 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_during_checkpoint_write(reference_run, tmp_path):
     out = tmp_path / "killed_in_ckpt"
     args = _train_args(out)
-    proc = subprocess.run([sys.executable, "-c", KILL_IN_CHECKPOINT_WRITE, *args], env=_env(),
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_CHECKPOINT_WRITE, *args], env=env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     from jscale.checkpoint import Checkpointer
     assert Checkpointer(out / "checkpoints").latest_step() == 8  # 16 is incomplete: not restorable
-    _finish(_cli(out))
-    assert _rows(out) == _rows(reference_run)
+    finish(_cli(out))
+    assert metrics_rows(out) == metrics_rows(reference_run)
 
 
+@pytest.mark.slow
 def test_rerun_of_finished_run_is_a_no_op(reference_run):
     before = (reference_run / "metrics.jsonl").read_text()
-    _finish(_cli(reference_run))
+    finish(_cli(reference_run))
     assert (reference_run / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_rerun_with_different_config_is_refused(reference_run):
     proc = _cli(reference_run, "optim.lr=0.1")
     _, err = proc.communicate(timeout=600)
@@ -170,6 +166,7 @@ def test_rerun_with_different_config_is_refused(reference_run):
     assert "different config (optim.lr: 0.003 -> 0.1)" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, match", [
     (["train", "--preset", "nope", "--out", "x"], "unknown preset 'nope'"),
     (["train", "--preset", "tiny", "--out", "x", "--set", "optim.nope=1"], "unknown config key"),
@@ -180,7 +177,7 @@ def test_rerun_with_different_config_is_refused(reference_run):
      "data.path"),
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(argv, match, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "jscale.cli", *argv], env=_env(), cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "jscale.cli", *argv], env=env(), cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     assert match in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -195,6 +192,7 @@ def test_cli_presets_and_help():
         assert e.value.code == 0
 
 
+@pytest.mark.slow
 def test_divergence_stops_cleanly(tmp_path):
     cfg = _micro_cfg(**{"optim.lr": 1e30, "optim.grad_clip": 0.0, "optim.warmup_steps": 0})
     summary = train(cfg, tmp_path, quiet=True)
@@ -206,6 +204,7 @@ FINITE_BLOWUP = {"optim.lr": 30.0, "train.steps": 6, "train.log_every": 1, "trai
                  "train.checkpoint_every": 0}
 
 
+@pytest.mark.slow
 def test_finite_loss_far_above_uniform_is_divergence(tmp_path):
     # lr = 30: the loss stays finite but jumps from ~ln 257 to thousands at step 2.
     summary = train(_micro_cfg(**FINITE_BLOWUP), tmp_path / "default", quiet=True)
@@ -220,8 +219,9 @@ def test_finite_loss_far_above_uniform_is_divergence(tmp_path):
         _micro_cfg(**{"train.divergence_loss": 0.0})
 
 
+@pytest.mark.slow
 def test_final_train_loss_is_the_mean_of_the_last_steps(tmp_path):
-    from jscale.train import FINAL_LOSS_STEPS
+    from jscale.records import FINAL_LOSS_STEPS
     every = train(_micro_cfg(**{"train.log_every": 1}), tmp_path / "every", quiet=True)
     losses = [json.loads(line)["loss"] for line in
               (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]
@@ -232,6 +232,7 @@ def test_final_train_loss_is_the_mean_of_the_last_steps(tmp_path):
     assert sparse["final_train_loss"] == pytest.approx(expected, rel=1e-6)  # not the rows' mean
 
 
+@pytest.mark.slow
 def test_epochs_are_recorded_warned_and_limited(tmp_path):
     # ~2,500 training tokens: 24 steps × 4 × 32 tokens is 1.2 epochs; 150 steps is 7.6 epochs.
     corpus = tmp_path / "small.txt"
@@ -255,14 +256,14 @@ def test_schedules(schedule):
     opt = optim.make_optimizer(cfg, total_steps=100)
     state = opt.init({"w_DD": jnp.zeros((2, 2))})
     lrs = np.array([optim.current_lr(state, s, cfg) for s in range(100)])
-    np.testing.assert_allclose(lrs[:10], np.arange(1, 11) / 10, rtol=1e-6)
+    np.testing.assert_allclose(lrs[:10], np.arange(1, 11) / 10, rtol=F32_FORMULA_RTOL)
     if schedule == "constant":
         np.testing.assert_allclose(lrs[10:], 1.0)
     elif schedule == "cosine":
         assert np.all(np.diff(lrs[10:]) <= 0) and lrs[-1] == pytest.approx(0.1)
     else:  # wsd: flat until the last 20 steps, then linear to 0.1
         np.testing.assert_allclose(lrs[10:80], 1.0)
-        np.testing.assert_allclose(lrs[80:], 1 - 0.9 * np.arange(1, 21) / 20, rtol=1e-6)
+        np.testing.assert_allclose(lrs[80:], 1 - 0.9 * np.arange(1, 21) / 20, rtol=F32_FORMULA_RTOL)
 
 
 def test_weight_decay_mask_and_injected_hyperparams():
@@ -284,16 +285,69 @@ def test_weight_decay_mask_and_injected_hyperparams():
     assert np.all(updates["embed"]["table_VD"] == 0)
 
 
+@pytest.mark.slow
 def test_no_recompilation_after_first_step(tmp_path, monkeypatch):
-    import jscale.train as train_module
+    from jscale import core
     traces = []
-    original = train_module.train_step
+    original = core.train_step
 
     def counting(*args, **kwargs):
         traces.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", counting)
+    monkeypatch.setattr(core, "train_step", counting)
     summary = train(_micro_cfg(**{"train.steps": 10, "train.checkpoint_every": 5}), tmp_path,
                     quiet=True)
     assert summary["steps"] == 10 and len(traces) == 1
+
+
+def _drop_checkpoint(src: Path, dst: Path, step: int) -> Path:
+    """A copy of the run in ``src`` as if killed after its checkpoint before ``step``: checkpoint
+    ``step`` and the summary removed."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoints" / str(step))
+    (dst / "summary.json").unlink()
+    return dst
+
+
+@pytest.mark.slow
+def test_start_from_another_runs_params_and_resume(reference_run, tmp_path):
+    """``train(..., init_params=)``: a run started from the reference run's final parameters begins
+    near that run's final loss, far below a fresh init's first loss; its own checkpoints resume it
+    exactly; parameters of another shape are refused before training."""
+    cfg = _micro_cfg()
+    trained = load_state(cfg, reference_run)
+    assert int(trained.step) == 24
+    first = metrics_rows(reference_run)  # a fresh init of the same config
+    final = json.loads((reference_run / "summary.json").read_text())["final_train_loss"]
+    summary = train(cfg, tmp_path / "warm", quiet=True, init_params=trained.params)
+    warm = metrics_rows(tmp_path / "warm")
+    assert abs(warm[0]["loss"] - final) < 0.25 < first[0]["loss"] - final
+    assert warm[0]["loss"] != first[0]["loss"] and summary["final_train_loss"] < final
+    assert not any(x.is_deleted() for x in jax.tree.leaves(trained.params))  # not donated
+    resumed = _drop_checkpoint(tmp_path / "warm", tmp_path / "resumed", 24)
+    again = train(cfg, resumed, quiet=True, init_params=trained.params)
+    assert metrics_rows(resumed) == warm and again["final_train_loss"] == summary["final_train_loss"]
+    wrong = jax.tree.map(lambda x: x[..., :1], trained.params)
+    with pytest.raises(ConfigError, match=r"init_params: \['embed'\]\['table_VD'\] is float32"):
+        train(cfg, tmp_path / "wrong", quiet=True, init_params=wrong)
+
+
+@pytest.mark.slow
+def test_aux_metrics_and_model_state_through_training_and_checkpoints(tmp_path, monkeypatch):
+    """Every aux value a family reports reaches metrics.jsonl; its non-gradient model state is
+    updated every step, checkpointed, and restored bitwise on resume."""
+    patch_stateful_forward(monkeypatch)
+    cfg = _micro_cfg()
+    train(cfg, tmp_path / "run", quiet=True)
+    rows = metrics_rows(tmp_path / "run")
+    assert [r[STATE_METRIC] for r in rows] == [r["step"] - 1 for r in rows]  # the state it was given
+    assert all(np.isfinite(r["logit_mean"]) for r in rows) and "ce_loss" not in rows[0]
+    for step in (16, 24):
+        state = load_state(cfg, tmp_path / "run", step)
+        assert int(state.model_state[STATE_LEAF]) == step == int(state.step)
+    resumed = _drop_checkpoint(tmp_path / "run", tmp_path / "resumed", 24)
+    train(cfg, resumed, quiet=True)
+    assert metrics_rows(resumed) == rows
+    jax.tree.map(np.testing.assert_array_equal, load_state(cfg, resumed),
+                 load_state(cfg, tmp_path / "run"))

@@ -6,29 +6,26 @@
 * Fitting like Chinchilla's Approach 3: :func:`fit_chinchilla`, :func:`fit_parscale`,
   :func:`fit_power_law`, :func:`fit` — Huber loss on log residuals, every starting point of a grid
   optimised at once by a vectorised fixed-iteration damped Newton method.
-* Allocation: :class:`ChinchillaFit` ``.N_opt(C)``, ``.D_opt(C)``, ``.compute_optimal(C, fpt)``;
-  Approach 2 :func:`fit_isoflop`.
+* Allocation: :class:`ChinchillaFit` ``.N_opt(C)``, ``.D_opt(C)``, ``.compute_optimal(C, fpt)``
+  (``fpt``: FLOPs per token as a function of N, e.g. :func:`interpolated_flops_per_token` through a
+  sweep's runs); Approach 2
+  :func:`fit_isoflop` (:mod:`jscale.laws.isoflop`).
 * Uncertainty and checks: :func:`bootstrap` (every resample refitted from its own multistart;
   allocation intervals under 6ND or a FLOPs-per-token function), :func:`bootstrap_isoflop`,
   :func:`extrapolation_check`.
 * Published data to reproduce: :mod:`jscale.laws.published`.
+* From a sweep's results table to fits, a summary, ``fit.json`` and plots: :mod:`jscale.laws.report`
+  (returns the fit objects); the figures: :mod:`jscale.laws.plots` (imported on demand: matplotlib).
+
+Pure math on tables and arrays: this package imports nothing from ``jscale.sweep``,
+``jscale.models`` or ``jscale.cli``.
 """
 
 from jscale.laws import published
-from jscale.laws.allocation import (
-    IsoFlopBootstrap,
-    IsoFlopFit,
-    bootstrap_isoflop,
-    closed_form_n_opt,
-    compute_optimal,
-    family_flops_per_token,
-    fit_isoflop,
-    interpolated_flops_per_token,
-)
+from jscale.laws.allocation import closed_form_n_opt, compute_optimal, interpolated_flops_per_token
+from jscale.laws.fitted import ChinchillaFit, FitResult
 from jscale.laws.fitting import (
     HUBER_DELTA,
-    ChinchillaFit,
-    FitResult,
     default_stages,
     fit,
     fit_chinchilla,
@@ -49,6 +46,7 @@ from jscale.laws.forms import (
     power_law,
     user_law,
 )
+from jscale.laws.isoflop import IsoFlopBootstrap, IsoFlopFit, bootstrap_isoflop, fit_isoflop
 from jscale.laws.optimize import Stage, huber
 from jscale.laws.uncertainty import (
     BOOTSTRAP_RESAMPLES,
@@ -68,7 +66,7 @@ __all__ = [
     "FitResult", "IsoFlopBootstrap", "IsoFlopFit", "Law", "Stage", "allocation_samples", "bootstrap",
     "bootstrap_isoflop",
     "chinchilla", "closed_form_n_opt", "compute_optimal", "default_stages", "extrapolation_check",
-    "family_flops_per_token", "fit", "fit_chinchilla", "fit_isoflop", "fit_parscale",
+    "fit", "fit_chinchilla", "fit_isoflop", "fit_parscale",
     "fit_power_law", "grid_points", "huber", "interpolated_flops_per_token", "parscale",
     "percentile_interval", "power_law", "published", "user_law",
 ]

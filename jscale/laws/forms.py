@@ -62,10 +62,10 @@ class Law:
     * ``public(theta)``: the reported parameters (e.g. ``A = exp(a)``); identity by default.
     * ``bounds``: ``{name: (low, high)}`` box bounds on fitted parameters (others are free).
     * ``grid``: default starting points, ``{name: values}``, the Cartesian product of the values.
-    * ``lse``: optional structure for the fast path: ``lse(inputs) -> (G_KNP, h_KN)`` when
+    * ``lse``: optional structure for the fast path: ``lse(inputs) -> (G_UMQ, h_UM)`` when
       ``log_predict = LSE_k(G_k·theta + h_k)`` is a log-sum-exp of terms linear in ``theta`` (the
       fitter then computes exact gradients and Hessians in closed form, as matrix products).
-    * ``strata``: optional ``strata(theta_SP, loss_N) -> labels_S`` (integers): bins of parameter
+    * ``strata``: optional ``strata(theta_IQ, loss_M) -> labels_I`` (integers): bins of parameter
       space along which the fit is poorly identified — the bootstrap refits each resample from the
       best candidate starts of every bin, so that a resample whose optimum lies in another bin than
       the full fit's still finds it (for Chinchilla: E as a fraction of the smallest loss; the
@@ -109,7 +109,7 @@ class Law:
 
 def grid_points(law: Law, grid: Mapping[str, Sequence[float]] | np.ndarray | None = None
                 ) -> np.ndarray:
-    """Starting points as an ``(S, len(law.params))`` array: the Cartesian product of ``grid``'s
+    """Starting points as an ``(I, len(law.params))`` array: the Cartesian product of ``grid``'s
     values (default ``law.grid``), or ``grid`` itself when it is already such an array."""
     grid = law.grid if grid is None else grid
     if grid is None:
@@ -118,7 +118,7 @@ def grid_points(law: Law, grid: Mapping[str, Sequence[float]] | np.ndarray | Non
     if isinstance(grid, np.ndarray | jnp.ndarray):
         pts = np.asarray(grid, float)
         if pts.ndim != 2 or pts.shape[1] != len(law.params):
-            raise ValueError(f"init_grid: an array of starts must have shape (S, {len(law.params)}) "
+            raise ValueError(f"init_grid: an array of starts must have shape (I, {len(law.params)}) "
                              f"for params {list(law.params)} (got {pts.shape})")
         return pts
     missing = [p for p in law.params if p not in grid]

@@ -22,8 +22,9 @@ every stage, fit and bootstrap); :func:`run_stages` runs a schedule of :class:`S
 starts for a few iterations, then the best ones to convergence). float64 by default; a float32
 stage is available (about 3× cheaper per iteration on CPU, one more kernel to compile).
 
-Glossary: S starts (or start × resample pairs), N data points, P parameters, K log-sum-exp terms,
-L candidate steps per iteration.
+Glossary (letters the project glossary of :mod:`jscale.nn` leaves free): I starts (or start ×
+resample pairs), M data points, Q law parameters, U log-sum-exp terms, Z candidate steps per
+iteration.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def huber(r, delta):
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """Batched objective pieces: ``f(theta_SP, w_SN, data) -> f_S`` and ``fgh(theta_SP, w_SN, data)
-    -> (f_S, g_SP, H_SPP, Hgn_SPP)`` (exact Hessian and Gauss–Newton matrix). ``w_SN`` are
+    """Batched objective pieces: ``f(theta_IQ, w_IM, data) -> f_I`` and ``fgh(theta_IQ, w_IM, data)
+    -> (f_I, g_IQ, H_IQQ, Hgn_IQQ)`` (exact Hessian and Gauss–Newton matrix). ``w_IM`` are
     per-point weights (bootstrap counts); ``data`` is a pytree of arrays (:func:`structured_data`,
     :func:`autodiff_data`), an argument so that one compiled kernel serves every data set of the
     same shape."""
@@ -68,32 +69,32 @@ class Objective:
     fgh: Callable
 
 
-def structured_data(G_KNP: np.ndarray, h_KN: np.ndarray, y_N: np.ndarray, delta: float,
+def structured_data(G_UMQ: np.ndarray, h_UM: np.ndarray, y_M: np.ndarray, delta: float,
                     dtype) -> dict:
     """Arrays for :data:`STRUCTURED`: the data-only products ``G_k G_lᵀ`` are precomputed."""
-    K, N, P = G_KNP.shape
+    U, M, Q = G_UMQ.shape
     outer = []
-    for k in range(K):
-        for l in range(k, K):
-            o = np.einsum("ni,nj->nij", G_KNP[k], G_KNP[l])
+    for k in range(U):
+        for l in range(k, U):
+            o = np.einsum("ni,nj->nij", G_UMQ[k], G_UMQ[l])
             if k != l:
                 o = o + np.swapaxes(o, 1, 2)
-            outer.append(o.reshape(N, P * P))
-    return {"G": jnp.asarray(G_KNP, dtype), "h": jnp.asarray(h_KN, dtype),
-            "y": jnp.asarray(y_N, dtype), "delta": jnp.asarray(delta, dtype),
-            "Phi": jnp.asarray(np.concatenate(outer, 0), dtype),        # (pairs·N, P·P)
-            "G_cat": jnp.asarray(G_KNP.reshape(K * N, P), dtype)}       # (K·N, P)
+            outer.append(o.reshape(M, Q * Q))
+    return {"G": jnp.asarray(G_UMQ, dtype), "h": jnp.asarray(h_UM, dtype),
+            "y": jnp.asarray(y_M, dtype), "delta": jnp.asarray(delta, dtype),
+            "Phi": jnp.asarray(np.concatenate(outer, 0), dtype),        # (pairs·M, Q·Q)
+            "G_cat": jnp.asarray(G_UMQ.reshape(U * M, Q), dtype)}       # (U·M, Q)
 
 
 def _lse_terms(theta, data):
     G, h, y = data["G"], data["h"], data["y"]
-    U = [theta @ G[k].T + h[k] for k in range(G.shape[0])]            # K × (S, N)
-    mx = U[0]
-    for u in U[1:]:
+    terms = [theta @ G[k].T + h[k] for k in range(G.shape[0])]        # U × (I, M)
+    mx = terms[0]
+    for u in terms[1:]:
         mx = jnp.maximum(mx, u)
-    E = [jnp.exp(u - mx) for u in U]
-    s = sum(E)
-    return y - mx - jnp.log(s), E, s
+    ex = [jnp.exp(u - mx) for u in terms]
+    s = sum(ex)
+    return y - mx - jnp.log(s), ex, s
 
 
 def _structured_f(theta, w, data):
@@ -106,25 +107,25 @@ def _structured_fgh(theta, w, data):
     the Huber derivatives at ``r = y − m``: ``g = −Σ_n ρ' q``,
     ``H = Σ_n Σ_kl [(ρ''+ρ') p_k p_l − δ_kl ρ' p_k] G_k G_lᵀ`` and ``H_gn = Σ_n Σ_kl (ρ'/r) p_k p_l
     G_k G_lᵀ`` — the data-only products ``G_k G_lᵀ`` are precomputed, so each is one matrix product."""
-    S, P = theta.shape
-    K = data["G"].shape[0]
+    I, Q = theta.shape
+    U = data["G"].shape[0]
     delta = data["delta"]
-    r, E, s = _lse_terms(theta, data)
+    r, ex, s = _lse_terms(theta, data)
     inv = 1.0 / s
-    p = [e * inv for e in E]
+    p = [e * inv for e in ex]
     ar = jnp.abs(r)
     r1 = w * jnp.clip(r, -delta, delta)                                 # w·ρ'(r)
     c = w * (ar <= delta).astype(theta.dtype) + r1                      # w·(ρ'' + ρ')
     c_gn = w * jnp.where(ar <= delta, 1.0, delta / jnp.maximum(ar, delta))   # w·ρ'(r)/r
     fval = jnp.sum(w * huber(r, delta), axis=-1)
     g = -(jnp.concatenate([r1 * pk for pk in p], 1) @ data["G_cat"])
-    pairs = [(k, l) for k in range(K) for l in range(k, K)]
+    pairs = [(k, l) for k in range(U) for l in range(k, U)]
     pp = [p[k] * p[l] for k, l in pairs]
     cs = jnp.concatenate([c * q - (r1 * p[k] if k == l else 0.0)
                           for (k, l), q in zip(pairs, pp, strict=True)], 1)
     cs_gn = jnp.concatenate([c_gn * q for q in pp], 1)
-    H = (cs @ data["Phi"]).reshape(S, P, P)
-    H_gn = (cs_gn @ data["Phi"]).reshape(S, P, P)
+    H = (cs @ data["Phi"]).reshape(I, Q, Q)
+    H_gn = (cs_gn @ data["Phi"]).reshape(I, Q, Q)
     return fval, g, H, H_gn
 
 
@@ -132,10 +133,10 @@ def _structured_fgh(theta, w, data):
 STRUCTURED = Objective(f=_structured_f, fgh=_structured_fgh)
 
 
-def autodiff_data(inputs: dict[str, np.ndarray], y_N: np.ndarray, delta: float, dtype) -> dict:
+def autodiff_data(inputs: dict[str, np.ndarray], y_M: np.ndarray, delta: float, dtype) -> dict:
     """Arrays for :func:`autodiff_objective`."""
     return {"x": {k: jnp.asarray(v, dtype) for k, v in inputs.items()},
-            "y": jnp.asarray(y_N, dtype), "delta": jnp.asarray(delta, dtype)}
+            "y": jnp.asarray(y_M, dtype), "delta": jnp.asarray(delta, dtype)}
 
 
 def autodiff_objective(log_predict: Callable, params: tuple[str, ...]) -> Objective:
@@ -153,7 +154,7 @@ def autodiff_objective(log_predict: Callable, params: tuple[str, ...]) -> Object
         delta = data["delta"]
         eye = jnp.eye(theta.shape[0], dtype=theta.dtype)
         mv, J = jax.vmap(lambda v: jax.jvp(lambda t: m(t, data), (theta,), (v,)),
-                         out_axes=(None, 1))(eye)                       # (N,), (N, P)
+                         out_axes=(None, 1))(eye)                       # (M,), (M, Q)
         r = data["y"] - mv
         ar = jnp.abs(r)
         g = -(J.T @ (w * jnp.clip(r, -delta, delta)))
@@ -166,11 +167,11 @@ def autodiff_objective(log_predict: Callable, params: tuple[str, ...]) -> Object
 
 
 def _solve_small(A, b):
-    """Solve ``A x = b`` for a batch of small matrices (``A_...PP``, ``b_...P``) by Gauss–Jordan
+    """Solve ``A x = b`` for a batch of small matrices (``A_...QQ``, ``b_...Q``) by Gauss–Jordan
     elimination in a ``fori_loop`` (compiles to a handful of ops). No pivoting: a bad pivot gives a
     non-finite step, which the caller rejects like any step that does not lower the objective."""
-    P = A.shape[-1]
-    idx = jnp.arange(P)
+    Q = A.shape[-1]
+    idx = jnp.arange(Q)
 
     def body(k, Ab):
         A, b = Ab
@@ -183,19 +184,19 @@ def _solve_small(A, b):
         c = col - e
         return A - c[..., :, None] * row[..., None, :], b - c * bk[..., None]
 
-    return jax.lax.fori_loop(0, P, body, (A, b))[1]
+    return jax.lax.fori_loop(0, Q, body, (A, b))[1]
 
 
 def _iterate(obj: Objective, data, theta, fval, mu, w, lower, upper, iters, extrapolate):
-    """``iters`` iterations for a chunk of starts (``theta_SP``, ``fval_S``, ``mu_S``, ``w_SN``);
+    """``iters`` iterations for a chunk of starts (``theta_IQ``, ``fval_I``, ``mu_I``, ``w_IM``);
     returns the updated ``(theta, fval, mu)``. ``extrapolate`` (a traced boolean): also try
     EXTRAPOLATE multiples of each iteration's best step."""
     dtype = theta.dtype
-    S, P = theta.shape
+    I, Q = theta.shape
     ladder = jnp.asarray(LADDER, dtype)
-    Lc = ladder.shape[0] + 1                                            # + the Newton step
-    eye = jnp.eye(P, dtype=dtype)
-    w_rep = jnp.repeat(w, Lc, axis=0)
+    Z = ladder.shape[0] + 1                                             # + the Newton step
+    eye = jnp.eye(Q, dtype=dtype)
+    w_rep = jnp.repeat(w, Z, axis=0)
 
     def body(_, state):
         theta, fval, mu = state
@@ -210,13 +211,13 @@ def _iterate(obj: Objective, data, theta, fval, mu, w, lower, upper, iters, extr
         H_gn = jnp.where(both & jnp.isfinite(H_gn), H_gn, 0.0) + fix
         diag = jnp.abs(jnp.diagonal(H_gn, axis1=1, axis2=2))
         floor = 1e-12 * jnp.max(diag, axis=1, keepdims=True) + jnp.finfo(dtype).tiny
-        scale = jnp.maximum(diag, floor)                                # Marquardt scaling (S, P)
-        mus = mu[:, None] * ladder[None, :]                             # (S, L-1)
+        scale = jnp.maximum(diag, floor)                                # Marquardt scaling (I, Q)
+        mus = mu[:, None] * ladder[None, :]                             # (I, Z-1)
         A = jnp.concatenate([H_gn[:, None] + mus[:, :, None, None] * (eye * scale[:, None, :, None]),
-                             H[:, None]], axis=1)                       # (S, L, P, P)
-        steps = _solve_small(A, jnp.broadcast_to(-g[:, None, :], (S, Lc, P)))
-        cand = jnp.clip(theta[:, None, :] + steps, lower, upper)      # (S, L, P)
-        fc = obj.f(cand.reshape(S * Lc, P), w_rep, data).reshape(S, Lc)
+                             H[:, None]], axis=1)                       # (I, Z, Q, Q)
+        steps = _solve_small(A, jnp.broadcast_to(-g[:, None, :], (I, Z, Q)))
+        cand = jnp.clip(theta[:, None, :] + steps, lower, upper)      # (I, Z, Q)
+        fc = obj.f(cand.reshape(I * Z, Q), w_rep, data).reshape(I, Z)
         fc = jnp.where(jnp.isfinite(fc) & jnp.all(jnp.isfinite(steps), -1), fc, jnp.inf)
         best = jnp.argmin(fc, axis=1)
         f_best = jnp.min(fc, axis=1)
@@ -227,10 +228,10 @@ def _iterate(obj: Objective, data, theta, fval, mu, w, lower, upper, iters, extr
             # longer steps along the chosen direction: flat valleys are crossed in a few iterations
             pick, f_best = args
             ext = jnp.asarray(EXTRAPOLATE, dtype)
-            Le = ext.shape[0]
+            Ze = ext.shape[0]
             cand_e = jnp.clip(theta[:, None, :] + ext[None, :, None] * (pick - theta)[:, None, :],
                               lower, upper)
-            fe = obj.f(cand_e.reshape(S * Le, P), jnp.repeat(w, Le, axis=0), data).reshape(S, Le)
+            fe = obj.f(cand_e.reshape(I * Ze, Q), jnp.repeat(w, Ze, axis=0), data).reshape(I, Ze)
             fe = jnp.where(jnp.isfinite(fe), fe, jnp.inf)
             use = jnp.min(fe, axis=1) < f_best
             best_e = jnp.take_along_axis(cand_e, jnp.argmin(fe, axis=1)[:, None, None], axis=1)[:, 0]
@@ -240,8 +241,8 @@ def _iterate(obj: Objective, data, theta, fval, mu, w, lower, upper, iters, extr
         pick, f_best = jax.lax.cond(extrapolate, longer, lambda args: args, (pick, f_best))
         theta = jnp.where(ok[:, None], pick, theta)
         fval = jnp.where(ok, f_best, fval)
-        mus = jnp.concatenate([mus, jnp.zeros((S, 1), dtype)], axis=1)
-        mu_best = jnp.sum(jnp.where(jnp.arange(Lc) == best[:, None], mus, 0.0), axis=1)
+        mus = jnp.concatenate([mus, jnp.zeros((I, 1), dtype)], axis=1)
+        mu_best = jnp.sum(jnp.where(jnp.arange(Z) == best[:, None], mus, 0.0), axis=1)
         mu = jnp.where(ok, jnp.where(mu_best > 0, mu_best, mu * 1e-2), mu * MU_REJECT_FACTOR)
         return theta, fval, jnp.clip(mu, MU_MIN, MU_MAX)
 
@@ -272,12 +273,12 @@ def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
 def _over_chunks(fn, arrays: tuple[np.ndarray, ...], *rest):
     """Call ``fn(*chunk_of_each_array, *rest)`` on consecutive CHUNK-row slices (the last one padded);
     dispatches all chunks before waiting for any, and returns the concatenated numpy results."""
-    S = arrays[0].shape[0]
+    I = arrays[0].shape[0]
     outs = []
-    for i in range(0, S, CHUNK):
+    for i in range(0, I, CHUNK):
         outs.append(fn(*(_pad_rows(a[i:i + CHUNK], CHUNK) for a in arrays), *rest))
     outs = [jax.tree.map(np.asarray, o) for o in outs]
-    return jax.tree.map(lambda *parts: np.concatenate(parts)[:S], *outs)
+    return jax.tree.map(lambda *parts: np.concatenate(parts)[:I], *outs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,11 +315,11 @@ def _keep_best(fval: np.ndarray, keep: int, groups: np.ndarray | None) -> np.nda
 def run_stages(obj: Objective, datas: dict, starts: np.ndarray, w: np.ndarray, lower: np.ndarray,
                upper: np.ndarray, stages: tuple[Stage, ...], *, groups: np.ndarray | None = None,
                trace: list | None = None):
-    """Run ``stages`` from ``starts_SP`` with point weights ``w_SN``; ``datas[dtype]`` is the data
-    pytree in each dtype used. Returns numpy float64 ``(theta_S'P, fval_S', index_S')`` for the
+    """Run ``stages`` from ``starts_IQ`` with point weights ``w_IM``; ``datas[dtype]`` is the data
+    pytree in each dtype used. Returns numpy float64 ``(theta_I'Q, fval_I', index_I')`` for the
     starts that reached the last stage (``index`` into ``starts``). Call with x64 enabled.
 
-    ``groups_S`` (optional, integers): a stage's ``keep`` then applies within each group — e.g. the
+    ``groups_I`` (optional, integers): a stage's ``keep`` then applies within each group — e.g. the
     starts of each bootstrap resample — instead of over all starts. ``trace`` (optional list): each
     stage appends its ``(theta, fval, index)``."""
     theta = np.clip(np.asarray(starts, np.float64), lower, upper)

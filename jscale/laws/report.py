@@ -1,9 +1,16 @@
 """From a sweep's results table to fitted laws, a printed summary, ``fit.json`` and plots — what
 ``jscale fit RESULTS_DIR`` runs, usable from an experiment's ``analyze(df, out_dir)`` too.
+
+:func:`analyze` returns a :class:`Report`: the fit objects themselves (a
+:class:`~jscale.laws.ChinchillaFit`, :class:`~jscale.laws.IsoFlopFit` or ParScale
+:class:`~jscale.laws.FitResult`, their bootstrap, the runs they were fitted on), so a caller that
+prints or plots more reuses them instead of fitting again. The table is a plain ``pandas`` frame
+(e.g. ``jscale.sweep.load(dir)``); this module reads no files but its own outputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,20 +22,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from jscale.laws import allocation, fitting, uncertainty
+from jscale.laws import allocation, fitting, isoflop, plots, uncertainty
 
 LAW_CHOICES = ("chinchilla", "isoflop", "parscale")
 #: Parameter-count conventions for N: column used (``with_head`` falls back to
 #: ``n_params_non_embedding + model.vocab_size × model.d_model`` where the column is missing).
 N_PARAMS = {"non_embedding": "n_params_non_embedding", "with_head": "n_params_with_head",
-            "total": "n_params"}
+            "total": "n_params", "active": "n_params_active"}
 N_PARAMS_TEXT = {"non_embedding": "non-embedding parameters",
                  "with_head": "non-embedding parameters + the LM head (V × d_model)",
-                 "total": "total parameters"}
+                 "total": "total parameters",
+                 "active": "active parameters (those a token uses; = total for dense models)"}
 #: Loss column fitted by default: the final validation loss.
 DEFAULT_LOSS = "final_eval_loss"
-#: Column with the number of ParScale streams P.
-STREAMS_COLUMN = "model.n_streams"
 #: Column that marks rows of runs no longer in the sweep's latest grid (missing: all current).
 LATEST_GRID_COLUMN = "in_latest_grid"
 #: FLOP conventions of a compute-optimal allocation: the runs' own training FLOPs per token (the
@@ -41,6 +47,29 @@ FLOPS_TEXT = {RUNS_FLOPS: "C = flops_per_token(N)·D, the runs' own training FLO
 
 class FitInputError(ValueError):
     """The results table cannot be fitted as asked (missing columns, too few usable runs)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What :func:`analyze` fitted, echoed and wrote.
+
+    ``fit``: the fitted law (``law="chinchilla"``: a :class:`~jscale.laws.ChinchillaFit`;
+    ``"isoflop"``: an :class:`~jscale.laws.IsoFlopFit`; ``"parscale"``: a
+    :class:`~jscale.laws.FitResult`); ``bootstrap``: its bootstrap (``None`` with ``bootstrap=0``);
+    ``runs``: the :func:`usable_runs` it was fitted on; ``budgets``: the budgets of the
+    compute-optimal table; ``flops_per_token``: the runs' own FLOPs per token
+    (:func:`runs_flops_per_token`; ``None`` where the table lacks them); ``approach2``: the
+    Approach 2 fit drawn beside a Chinchilla fit (``None`` if the runs allow none); ``summary``: the
+    JSON dict written to ``fit.json`` (``summary["plots"]``: the PNGs written)."""
+
+    law: str
+    fit: Any
+    bootstrap: Any
+    runs: pd.DataFrame = dataclasses.field(repr=False)
+    budgets: np.ndarray
+    flops_per_token: Callable[[np.ndarray], np.ndarray] | None = dataclasses.field(repr=False)
+    summary: dict[str, Any] = dataclasses.field(repr=False)
+    approach2: Any = None
 
 
 def usable_runs(df: pd.DataFrame, *, n_params: str = "non_embedding", loss: str = DEFAULT_LOSS,
@@ -146,14 +175,19 @@ def _fmt_interval(v: float, iv: Sequence[float] | None, fmt: str) -> str:
 def analyze(df: pd.DataFrame, out_dir: str | os.PathLike, *, law: str = "chinchilla",
             bootstrap: int = uncertainty.BOOTSTRAP_RESAMPLES, n_params: str = "non_embedding",
             loss: str = DEFAULT_LOSS, include_stale: bool = False,
-            streams: str = STREAMS_COLUMN, seed: int = 0, ci: float = 0.95,
-            echo: Callable[[str], Any] = print) -> dict[str, Any]:
+            streams: str | None = None, seed: int = 0, ci: float = 0.95,
+            approach2: isoflop.IsoFlopFit | None = None,
+            echo: Callable[[str], Any] = print) -> Report:
     """Fit ``law`` ("chinchilla": Approach 3; "isoflop": Approach 2; "parscale") to a sweep's
     results ``df`` (the runs :func:`usable_runs` keeps: ``n_params``, ``loss``, ``include_stale``),
     echo a summary (parameters with ``ci`` bootstrap intervals, compute-optimal N and D for a few
     budgets, each table naming its FLOP convention: the runs' own FLOPs per token, with ``C = 6ND``
-    as a labelled secondary), and write ``out_dir/fit.json`` and PNG plots. Returns the JSON dict."""
-    from jscale import plots
+    as a labelled secondary), and write ``out_dir/fit.json`` and PNG plots. Returns the
+    :class:`Report` (the fit objects and the JSON dict).
+
+    ``streams`` (``law="parscale"``): the column with the number of streams P. ``approach2``
+    (``law="chinchilla"``): an Approach 2 fit of the same runs (e.g. an earlier ``law="isoflop"``
+    report's ``fit``) to draw beside the Chinchilla fit instead of fitting it again."""
     if law not in LAW_CHOICES:
         raise FitInputError(f"law: expected one of {LAW_CHOICES} (got {law!r})")
     if bootstrap < 0 or bootstrap == 1:
@@ -176,16 +210,20 @@ def analyze(df: pd.DataFrame, out_dir: str | os.PathLike, *, law: str = "chinchi
         echo(f"  excluded {n_stale} run(s) not in the sweep's latest grid ({LATEST_GRID_COLUMN} == "
              f"False; --include-stale keeps them)")
     budgets = report_budgets(runs)
+    fpt = _fpt_from_runs(runs)
     if law == "parscale":
-        summary.update(_parscale(runs, out, streams, bootstrap, seed, ci, echo, plots))
+        res, result, boot, iso = _parscale(runs, out, streams, bootstrap, seed, ci, echo)
     elif law == "isoflop":
-        summary.update(_isoflop(runs, out, budgets, bootstrap, seed, ci, echo, plots))
+        res, result, boot, iso = _isoflop(runs, out, budgets, fpt, bootstrap, seed, ci, echo)
     else:
-        summary.update(_chinchilla(runs, out, budgets, bootstrap, seed, ci, echo, plots))
+        res, result, boot, iso = _chinchilla(runs, out, budgets, fpt, bootstrap, seed, ci, echo,
+                                             approach2)
+    summary.update(res)
     path = out / "fit.json"
     path.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
     echo(f"wrote {path}" + "".join(f", {p}" for p in summary["plots"]))
-    return summary
+    return Report(law=law, fit=result, bootstrap=boot, runs=runs, budgets=budgets,
+                  flops_per_token=fpt, summary=summary, approach2=iso)
 
 
 def _json_default(o):
@@ -220,11 +258,10 @@ def _echo_params(result, boot, echo) -> None:
         echo(f"  {name:>6s} = {_fmt_interval(v, iv, '.4g')}")
 
 
-def _chinchilla(runs, out, budgets, n_boot, seed, ci, echo, plots) -> dict[str, Any]:
+def _chinchilla(runs, out, budgets, fpt, n_boot, seed, ci, echo, iso):
     if runs["N"].nunique() < 2 or runs["D"].nunique() < 2:
         raise FitInputError("chinchilla: need runs with ≥ 2 distinct model sizes and token counts")
     result = fitting.fit_chinchilla(runs["N"], runs["D"], runs["loss"])
-    fpt = _fpt_from_runs(runs)
     conv = RUNS_FLOPS if fpt is not None else uncertainty.SIX_ND
     boot = (uncertainty.bootstrap(result, n_boot, seed=seed, ci=ci, budgets=budgets,
                                   flops_per_token=fpt, flops_convention=conv)
@@ -257,13 +294,14 @@ def _chinchilla(runs, out, budgets, n_boot, seed, ci, echo, plots) -> dict[str, 
     if boot is not None:
         res["bootstrap"] = boot.to_dict()
     res["plots"] = [plots.fit_vs_observed(result, out / "fit_vs_observed.png")]
-    iso = _try_isoflop(runs)
+    if iso is None:
+        iso = _try_isoflop(runs)
     if iso is not None:
         res["plots"].append(plots.isoflop_curves(iso, out / "isoflop.png", chinchilla=result))
     res["plots"].append(plots.frontier(out / "frontier.png", iso=iso, chinchilla=result,
                                        chinchilla_boot=boot, budgets=budgets, flops_per_token=fpt,
                                        flops_label=_axis_label(conv)))
-    return res
+    return res, result, boot, iso
 
 
 def _axis_label(conv: str) -> str:
@@ -275,21 +313,21 @@ def _try_isoflop(runs):
     if sel.sum() < 6:
         return None
     try:
-        return allocation.fit_isoflop(*(runs.loc[sel, k] for k in ("N", "D", "loss", "budget")))
+        return isoflop.fit_isoflop(*(runs.loc[sel, k] for k in ("N", "D", "loss", "budget")))
     except ValueError:
         return None
 
 
-def _isoflop(runs, out, budgets, n_boot, seed, ci, echo, plots) -> dict[str, Any]:
+def _isoflop(runs, out, budgets, fpt, n_boot, seed, ci, echo):
     sel = runs["budget"].notna()
     if not sel.any():
         raise FitInputError("isoflop: no run has a budget (train.flops_budget); run an IsoFLOP "
                             "grid (jscale.sweep.isoflop) or use --law chinchilla")
     try:
-        iso = allocation.fit_isoflop(*(runs.loc[sel, k] for k in ("N", "D", "loss", "budget")))
+        iso = isoflop.fit_isoflop(*(runs.loc[sel, k] for k in ("N", "D", "loss", "budget")))
     except ValueError as e:
         raise FitInputError(f"isoflop: {e}") from None
-    boot = (allocation.bootstrap_isoflop(iso, n_boot, seed=seed, ci=ci, budgets=budgets)
+    boot = (isoflop.bootstrap_isoflop(iso, n_boot, seed=seed, ci=ci, budgets=budgets)
             if n_boot else None)
     echo(f"Approach 2: parabola in log N per budget ({len(iso.budgets)} budgets"
          + ("; skipped " + ", ".join(f"C = {c:g}: {why}" for c, why in iso.skipped.items())
@@ -324,12 +362,14 @@ def _isoflop(runs, out, budgets, n_boot, seed, ci, echo, plots) -> dict[str, Any
         res["bootstrap"] = dict(boot.to_dict(), flops_convention=RUNS_FLOPS)
     res["plots"] = [plots.isoflop_curves(iso, out / "isoflop.png"),
                     plots.frontier(out / "frontier.png", iso=iso, iso_boot=boot, budgets=budgets,
-                                   flops_per_token=_fpt_from_runs(runs),
-                                   flops_label=_axis_label(RUNS_FLOPS))]
-    return res
+                                   flops_per_token=fpt, flops_label=_axis_label(RUNS_FLOPS))]
+    return res, iso, boot, None
 
 
-def _parscale(runs, out, streams, n_boot, seed, ci, echo, plots) -> dict[str, Any]:
+def _parscale(runs, out, streams, n_boot, seed, ci, echo):
+    if streams is None:
+        raise FitInputError("parscale: pass streams=COLUMN, the results column with the number of "
+                            "streams P")
     if streams not in runs:
         raise FitInputError(f"parscale: no column {streams!r} with the number of streams P "
                             f"(pass --streams COLUMN)")
@@ -347,10 +387,4 @@ def _parscale(runs, out, streams, n_boot, seed, ci, echo, plots) -> dict[str, An
         res["bootstrap"] = boot.to_dict()
     res["plots"] = [plots.parscale_curves(result, out / "parscale.png"),
                     plots.fit_vs_observed(result, out / "fit_vs_observed.png")]
-    return res
-
-
-def fit_results_dir(results_dir: str | os.PathLike, **kwargs) -> dict[str, Any]:
-    """:func:`analyze` on ``jscale.sweep.load(results_dir)``, writing into ``results_dir``."""
-    from jscale.sweep import load
-    return analyze(load(results_dir), results_dir, **kwargs)
+    return res, result, boot, None

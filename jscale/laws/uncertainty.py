@@ -14,14 +14,8 @@ import numpy as np
 from jscale.laws import fitting as _fitting
 from jscale.laws import optimize
 from jscale.laws.allocation import closed_form_n_opt, compute_optimal
-from jscale.laws.fitting import (
-    ChinchillaFit,
-    FitResult,
-    _log_predict_rows,
-    _Problem,
-    _public,
-    fit,
-)
+from jscale.laws.fitted import ChinchillaFit, FitResult, _log_predict_rows, _public
+from jscale.laws.fitting import _Problem, fit
 from jscale.laws.forms import CHINCHILLA, Law
 
 #: Default number of bootstrap resamples.
@@ -67,6 +61,13 @@ class Bootstrap:
             d["D_opt"] = self.D_opt.tolist()
         return d
 
+    def allocation_intervals(self, C, flops_per_token: Callable[[np.ndarray], np.ndarray] | None = None
+                             ) -> tuple[np.ndarray, np.ndarray]:
+        """Intervals (level ``ci``) of the compute-optimal ``N_opt`` and ``D_opt`` at budgets ``C``
+        from these samples, each of shape ``(len(C), 2)``: what :func:`bootstrap` with
+        ``budgets=C`` and this ``flops_per_token`` reports, without refitting (Chinchilla fits)."""
+        return _allocation_intervals(self.samples, C, flops_per_token, self.ci)
+
 
 def percentile_interval(samples: np.ndarray, ci: float, axis: int = 0) -> np.ndarray:
     """Percentile interval ``[(1−ci)/2, (1+ci)/2]`` of ``samples`` along ``axis`` (NaNs ignored)."""
@@ -76,7 +77,7 @@ def percentile_interval(samples: np.ndarray, ci: float, axis: int = 0) -> np.nda
 
 def _resample_starts(result: FitResult, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per resample, the BOOTSTRAP_PER_STRATUM candidate starts of each stratum with the lowest
-    objective under that resample's weights: ``(n, K, P)``, and each start's stratum ``(n, K)``."""
+    objective under that resample's weights: ``(n, I, Q)``, and each start's stratum ``(n, I)``."""
     law = result.law
     cand = np.vstack([result.candidates, result.minima]) if result.candidates.size else result.minima
     with np.errstate(all="ignore"):
@@ -89,7 +90,7 @@ def _resample_starts(result: FitResult, counts: np.ndarray) -> tuple[np.ndarray,
         raise RuntimeError("bootstrap: no candidate start has a finite objective")
     a = np.abs(resid)
     d = result.delta
-    F = counts @ np.where(a <= d, 0.5 * resid * resid, d * (a - 0.5 * d)).T       # (n, M)
+    F = counts @ np.where(a <= d, 0.5 * resid * resid, d * (a - 0.5 * d)).T   # (n, candidates)
     labels = (law.strata(cand, result.loss) if law.strata is not None
               else np.zeros(cand.shape[0], int))
     per = _fitting.BOOTSTRAP_PER_STRATUM
@@ -131,7 +132,7 @@ def bootstrap(result: FitResult, n: int = BOOTSTRAP_RESAMPLES, *, seed: int = 0,
     rng = np.random.default_rng(seed)
     m = result.n_points
     counts = rng.multinomial(m, np.full(m, 1.0 / m), size=n).astype(float)      # (n, m)
-    starts, strata = _resample_starts(result, counts)                              # (n, K, P)
+    starts, strata = _resample_starts(result, counts)                              # (n, I, Q)
     k = starts.shape[1]
     resample = np.repeat(np.arange(n), k)
     iters, rtol, gap = _fitting.BOOTSTRAP_ITERS, _fitting.BOOTSTRAP_RTOL, _fitting.BOOTSTRAP_GAP
@@ -180,9 +181,8 @@ def bootstrap(result: FitResult, n: int = BOOTSTRAP_RESAMPLES, *, seed: int = 0,
                objective=np.where(ok, fval_b, np.nan), weights=counts)
     if budgets is not None and isinstance(result, ChinchillaFit):
         C = np.asarray(budgets, float)
-        N_b, D_b = allocation_samples(samples, C, flops_per_token)                # (B, n)
-        out.update(budgets=C, N_opt=percentile_interval(N_b, ci, axis=1),
-                   D_opt=percentile_interval(D_b, ci, axis=1),
+        N_iv, D_iv = _allocation_intervals(samples, C, flops_per_token, ci)
+        out.update(budgets=C, N_opt=N_iv, D_opt=D_iv,
                    flops_convention=flops_convention or (
                        SIX_ND if flops_per_token is None else FLOPS_PER_TOKEN))
     return Bootstrap(**out)
@@ -200,6 +200,14 @@ def allocation_samples(samples: Mapping[str, np.ndarray], C,
         return N, C / (6.0 * N)
     return compute_optimal({k: np.asarray(samples[k], float)[None, :]
                             for k in ("E", "A", "B", "alpha", "beta")}, C, flops_per_token)
+
+
+def _allocation_intervals(samples, C, flops_per_token, ci) -> tuple[np.ndarray, np.ndarray]:
+    missing = [k for k in ("E", "A", "B", "alpha", "beta") if k not in samples]
+    if missing:
+        raise ValueError(f"allocation: needs samples of a Chinchilla fit (missing {missing})")
+    N_b, D_b = allocation_samples(samples, C, flops_per_token)          # (budgets, n)
+    return percentile_interval(N_b, ci, axis=1), percentile_interval(D_b, ci, axis=1)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,74 +1,124 @@
-"""Model families, dispatched on the config type.
-
-Each family is one module exposing ``init(key, cfg)``, ``apply(params, tokens_BT, cfg, *,
-segment_ids_BT=None) -> (logits_BTV, aux)``, ``count_params(cfg)``, ``flops_per_token(cfg,
-seq_len)`` and ``scale_init(params, init_scale)``, plus its frozen config class.
-Registering the module here is all a new family needs.
+"""Model families behind one façade: shared code calls these functions, which dispatch on the config's
+type through :mod:`jscale.registry` to the family object (the contract:
+:class:`jscale.models.protocol.Family`; the shared scaffold: :mod:`jscale.models.lm`).
 """
 
 from __future__ import annotations
 
 import functools
-import types
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
-from jscale.config import ConfigError, register_model_config
-from jscale.models import mamba, transformer
+from jscale import registry
+from jscale.models import mamba, sizing, transformer
 from jscale.models.mamba import MambaConfig
+from jscale.models.protocol import Family
 from jscale.models.transformer import TransformerConfig
 
-_FAMILIES: dict[type, types.ModuleType] = {}
+__all__ = ["Family", "MambaConfig", "TransformerConfig", "apply", "count_params", "describe",
+           "dim_fields", "family_flops_per_token", "family_of", "flops_per_token", "forward", "init",
+           "init_model_state", "init_scale", "mamba", "max_seq_len", "memory_bytes", "scale_init",
+           "shape_for_params", "transformer"]
+
+Array = jax.Array
 
 
-def register(family: str, config_cls: type, module: types.ModuleType) -> None:
-    """Register a model family: ``config_cls`` instances dispatch to ``module``'s functions."""
-    _FAMILIES[config_cls] = module
-    register_model_config(family, config_cls)
+def family_of(cfg: Any) -> Family:
+    """The family object of model config ``cfg``."""
+    return registry.family_of(cfg)
 
 
-register("transformer", TransformerConfig, transformer)
-register("mamba", MambaConfig, mamba)
-
-
-def family_module(cfg: Any) -> types.ModuleType:
-    """The module implementing ``cfg``'s model family."""
-    try:
-        return _FAMILIES[type(cfg)]
-    except KeyError:
-        raise ConfigError(f"model: no model family registered for {type(cfg).__name__} "
-                          f"(registered: {[c.__name__ for c in _FAMILIES]})") from None
-
-
-def init(key: jax.Array, cfg: Any) -> dict[str, Any]:
+def init(key: Array, cfg: Any) -> dict[str, Any]:
     """Initialize a parameter pytree (nested dict of arrays) for the model described by ``cfg``."""
-    return _jitted_init(family_module(cfg))(key, cfg)
+    return _jitted_init(family_of(cfg))(key, cfg)
 
 
 @functools.cache
-def _jitted_init(module: types.ModuleType):
+def _jitted_init(family: Family):
     # One compiled program per config instead of hundreds of eagerly dispatched ops.
-    return jax.jit(module.init, static_argnums=1)
+    return jax.jit(family.init, static_argnums=1)
 
 
-def apply(params: dict[str, Any], tokens_BT: jax.Array, cfg: Any, *,
-          segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def init_model_state(cfg: Any) -> Any:
+    """The model's non-gradient training state (``{}`` for stateless families)."""
+    return family_of(cfg).init_model_state(cfg)
+
+
+def forward(params: dict[str, Any], tokens_BT: Array, cfg: Any, *,
+            segment_ids_BT: Array | None = None, model_state: Any = None,
+            layer_inputs: Any = None) -> tuple[Array, dict[str, Array], Any]:
+    """Embed → hidden → head: ``(logits_BTV float32, aux, new_model_state)``."""
+    family = family_of(cfg)
+    x_BTD = family.embed(params, tokens_BT, cfg)
+    x_BTD, aux, new_state = family.hidden(params, x_BTD, cfg, segment_ids_BT=segment_ids_BT,
+                                          model_state=model_state, layer_inputs=layer_inputs)
+    return family.head(params, x_BTD, cfg), aux, new_state
+
+
+def apply(params: dict[str, Any], tokens_BT: Array, cfg: Any, *,
+          segment_ids_BT: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """Run the model: ``(logits_BTV, aux)``; ``aux`` holds auxiliary losses/metrics (may be empty)."""
-    return family_module(cfg).apply(params, tokens_BT, cfg, segment_ids_BT=segment_ids_BT)
+    logits_BTV, aux, _ = forward(params, tokens_BT, cfg, segment_ids_BT=segment_ids_BT)
+    return logits_BTV, aux
 
 
 def count_params(cfg: Any) -> dict[str, int]:
-    """Analytic parameter count ``{"total", "non_embedding", "embedding", "with_head"}``."""
-    return family_module(cfg).count_params(cfg)
+    """Analytic parameter count ``{"total", "non_embedding", "embedding", "with_head", "active"}``."""
+    return family_of(cfg).count_params(cfg)
 
 
-def flops_per_token(cfg: Any, seq_len: int, **kwargs) -> dict[str, float]:
+def flops_per_token(cfg: Any, seq_len: int) -> dict[str, float]:
     """Model FLOPs per token ``{"forward", "training"}``; see the family's docstring for conventions."""
-    return family_module(cfg).flops_per_token(cfg, seq_len, **kwargs)
+    return family_of(cfg).flops_per_token(cfg, seq_len)
 
 
-def scale_init(params: dict[str, Any], init_scale: jax.Array, cfg: Any) -> dict[str, Any]:
+def scale_init(params: dict[str, Any], init_scale: Array, cfg: Any) -> dict[str, Any]:
     """Parameters initialized with ``init_scale=1`` → as if initialized with ``init_scale``, which may
     be a traced array (how a sweep varies the init scale per run without recompiling)."""
-    return family_module(cfg).scale_init(params, init_scale)
+    return family_of(cfg).scale_init(params, init_scale, cfg)
+
+
+def shape_for_params(n_params: float, base_model: Any, **kwargs: Any) -> Any:
+    """``base_model``'s family's config with about ``n_params`` parameters (see
+    :func:`jscale.models.sizing.shape_for_params` for the rule and the keywords)."""
+    return family_of(base_model).shape_for_params(n_params, base_model, **kwargs)
+
+
+def memory_bytes(cfg: Any, batch_size: int, seq_len: int) -> int:
+    """Rough per-run device footprint of training ``cfg`` at this batch size and length."""
+    return family_of(cfg).memory_bytes(cfg, batch_size, seq_len)
+
+
+def max_seq_len(cfg: Any) -> int | None:
+    """The longest sequence the model takes (``None``: unbounded)."""
+    return family_of(cfg).max_seq_len(cfg)
+
+
+def describe(cfg: Any) -> str:
+    """A one-line shape summary of ``cfg``."""
+    return family_of(cfg).describe(cfg)
+
+
+def dim_fields(cfg: Any) -> dict[str, str]:
+    """Logical dim → the config field behind it, for mesh error messages."""
+    return family_of(cfg).dim_fields(cfg)
+
+
+def init_scale(cfg: Any) -> float:
+    """The init scale ``cfg`` asks for."""
+    return family_of(cfg).init_scale(cfg)
+
+
+def family_flops_per_token(base_model: Any, seq_len: int, *, n_min: float = 1e4,
+                           n_max: float = 1e9, points: int = 25) -> Callable[[np.ndarray],
+                                                                               np.ndarray]:
+    """Training FLOPs per token of ``base_model``'s family as a function of its **non-embedding**
+    parameter count: models shaped by :func:`shape_for_params` at ``points`` sizes between ``n_min``
+    and ``n_max``, their exact counts and :func:`flops_per_token`, interpolated log-log (and
+    extrapolated with the end segments' slopes)."""
+    table = sizing.flops_table(family_of(base_model), base_model, seq_len, float(n_min),
+                               float(n_max), int(points))
+    return sizing.interpolate_loglog(*table)

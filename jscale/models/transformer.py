@@ -1,33 +1,41 @@
-"""Dense decoder-only transformer as pure functions over a parameter pytree.
+"""Dense decoder-only transformer: its config and its family object.
 
 Token embedding → ``n_layers`` pre-norm blocks (RMSNorm, grouped-query attention with RoPE and optional
-qk-norm, SwiGLU FFN) → final RMSNorm → LM head (tied to the embedding or not). Block parameters are
-stacked on a leading ``L`` axis and run with ``jax.lax.scan``, so compile time is flat in depth and depth
-growth is an array operation. Leaf names end in their shape letters (glossary in :mod:`jscale.nn`).
+qk-norm, SwiGLU FFN) → final RMSNorm → LM head (tied to the embedding or not), on the shared scaffold
+(:mod:`jscale.models.lm`) with the parts :class:`~jscale.models.parts.attention.Attention`
+(``layers.attn``, pre-norm ``layers.attn_norm``) and :class:`~jscale.models.parts.swiglu.SwiGLU`
+(``layers.mlp``, pre-norm ``layers.mlp_norm``). Leaf names end in their shape letters (glossary in
+:mod:`jscale.nn`).
+
+**Mixture of experts** (``moe``: a :class:`~jscale.models.moe.MoEConfig`; ``None`` is the dense model,
+bitwise as before): the FFN of the chosen layers (:func:`moe_layer_indices`) is an
+:class:`~jscale.models.parts.moe.MoE` part. The layers become up to three scanned stacks of the
+shared scaffold, run in order: ``layers`` (the ``first_dense_layers`` dense layers, the dense
+block), ``moe_layers`` (periods of ``every`` layers: ``every - 1`` dense layers, their sub-layers
+``attn_<j>``/``mlp_<j>`` with norms ``attn_norm_<j>``/``mlp_norm_<j>``, then one MoE layer ``attn``/
+``moe`` with norms ``attn_norm``/``moe_norm``) and ``tail_layers`` (the dense layers left after the
+last whole period). The router bias is model state ``model_state["moe_layers"]["moe"]["bias_LE"]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
-from jscale import nn
+from jscale import registry
 from jscale.config import check
-from jscale.sharding import constrain, constrain_params, per_shard
+from jscale.models import lm
+from jscale.models.lm import DTYPES, REMAT_POLICIES
+from jscale.models.moe import MoEConfig
+from jscale.models.parts.attention import Attention, attention  # noqa: F401  (attention: re-exported)
+from jscale.models.parts.moe import MoE
+from jscale.models.parts.swiglu import SwiGLU
 
 Array = jax.Array
-DTYPES = ("float32", "bfloat16", "float16")
-
-#: Rematerialization policies for the layer body: "none" saves every activation; "full" recomputes
-#: the whole block in the backward pass; "dots" saves matmul outputs; "dots_no_batch" saves matmul
-#: outputs without batch dims (weights-stationary); "save_attention" saves only the attention context
-#: (named checkpoint "attn_context") and recomputes the rest.
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,6 +63,7 @@ class TransformerConfig:
         kernel ``pallas_kernels.flash_attention``; interpret mode on CPU).
       scan_layers: run blocks with ``lax.scan`` (True) or a Python loop over the same stacked
         parameters (False: longer compiles, identical math; used to check the scan).
+      moe: the mixture-of-experts FFN (:class:`~jscale.models.moe.MoEConfig`), or ``None``: dense.
     """
 
     vocab_size: int = 257
@@ -75,6 +84,7 @@ class TransformerConfig:
     remat: Literal["none", "full", "dots", "dots_no_batch", "save_attention"] = "none"
     attention_impl: Literal["xla", "pallas"] = "xla"
     scan_layers: bool = True
+    moe: MoEConfig | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
@@ -97,191 +107,76 @@ class TransformerConfig:
               self.remat)
         check(self.attention_impl in ("xla", "pallas"), "model.attention_impl",
               "must be 'xla' or 'pallas'", self.attention_impl)
+        if self.moe is not None:
+            check(isinstance(self.moe, MoEConfig), "model.moe", "must be a MoEConfig or None",
+                  self.moe)
+            f = self.moe.first_dense_layers
+            check(f < self.n_layers, "model.moe.first_dense_layers",
+                  f"must be < model.n_layers={self.n_layers} (at least one MoE layer)", f)
+            check(self.moe.every <= self.n_layers - f, "model.moe.every",
+                  f"must be <= model.n_layers - model.moe.first_dense_layers = {self.n_layers - f} "
+                  "(at least one MoE layer)", self.moe.every)
 
     @property
     def k(self) -> int:
         """Head dim K."""
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
-
-# ---------------------------------------------------------------------------------------------------
-# init
-
-
-def init(key: Array, cfg: TransformerConfig) -> dict[str, Any]:
-    """Initialize parameters: truncated normal, std ``init_scale / sqrt(fan_in)``; the residual output
-    projections (``w_o``, ``w_down``) are further scaled by ``1 / sqrt(2 n_layers)``; norm scales are 1.
-    """
-    D, L, H, G, K, F, V = (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.k,
-                           cfg.d_ff, cfg.vocab_size)
-    pd = jnp.dtype(cfg.param_dtype)
-    s, out_s = cfg.init_scale, cfg.init_scale / math.sqrt(2 * L)
-    # (path, shape, std) of every random leaf; drawn from one truncated-normal call (one small program
-    # to compile instead of one per leaf).
-    specs = [(("embed", "table_VD"), (V, D), s / math.sqrt(D)),
-             (("layers", "attn", "w_q_LDHK"), (L, D, H, K), s / math.sqrt(D)),
-             (("layers", "attn", "w_k_LDGK"), (L, D, G, K), s / math.sqrt(D)),
-             (("layers", "attn", "w_v_LDGK"), (L, D, G, K), s / math.sqrt(D)),
-             (("layers", "attn", "w_o_LHKD"), (L, H, K, D), out_s / math.sqrt(H * K)),
-             (("layers", "mlp", "w_gate_LDF"), (L, D, F), s / math.sqrt(D)),
-             (("layers", "mlp", "w_up_LDF"), (L, D, F), s / math.sqrt(D)),
-             (("layers", "mlp", "w_down_LFD"), (L, F, D), out_s / math.sqrt(F))]
-    if not cfg.tie_embeddings:
-        specs.append((("head", "w_DV"), (D, V), s / math.sqrt(D)))
-    sizes = [math.prod(shape) for _, shape, _ in specs]
-    z = nn.truncated_normal(key, (sum(sizes),), 1.0, jnp.float32)
-    params: dict[str, Any] = {
-        "layers": {"attn_norm": {"scale_LD": jnp.ones((L, D), pd)},
-                   "mlp_norm": {"scale_LD": jnp.ones((L, D), pd)}},
-        "final_norm": {"scale_D": jnp.ones((D,), pd)},
-    }
-    offset = 0
-    for (path, shape, std), size in zip(specs, sizes, strict=True):
-        node = params
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = (z[offset:offset + size].reshape(shape) * std).astype(pd)
-        offset += size
-    if cfg.qk_norm:
-        params["layers"]["attn"]["q_norm"] = {"scale_LK": jnp.ones((L, K), pd)}
-        params["layers"]["attn"]["k_norm"] = {"scale_LK": jnp.ones((L, K), pd)}
-    return params
+    @property
+    def d_expert(self) -> int | None:
+        """The routed experts' width (``moe.d_expert``, or ``d_ff`` when that is ``None``); ``None``
+        for the dense model."""
+        if self.moe is None:
+            return None
+        return self.moe.d_expert if self.moe.d_expert is not None else self.d_ff
 
 
-def scale_init(params: dict[str, Any], init_scale: Array) -> dict[str, Any]:
-    """``params`` made with ``init_scale=1`` → as if made with ``init_scale`` (a traced array, so a
-    sweep can vary it per run): every random leaf — weights ``w_*`` and the table — scales by it."""
-    def leaf(path, x):
-        name = str(path[-1].key)
-        return x * init_scale.astype(x.dtype) if name.startswith(("w_", "table_")) else x
-    return jax.tree_util.tree_map_with_path(leaf, params)
+def moe_layer_indices(cfg: TransformerConfig) -> tuple[int, ...]:
+    """The 0-based indices of the MoE layers (``()`` for the dense model)."""
+    if cfg.moe is None:
+        return ()
+    f, e = cfg.moe.first_dense_layers, cfg.moe.every
+    return tuple(i for i in range(f, cfg.n_layers) if (i - f) % e == e - 1)
 
 
 # ---------------------------------------------------------------------------------------------------
-# apply
+# the family
 
 
-def attention(q_BTHK: Array, k_BSGK: Array, v_BSGK: Array, *, segment_ids_BT: Array | None,
-              impl: str) -> Array:
-    """Causal grouped-query attention; the one place an attention implementation is chosen.
-
-    ``impl="xla"`` uses ``jax.nn.dot_product_attention`` (GQA without repeating K/V per query head);
-    ``impl="pallas"`` the flash-attention kernel. With ``segment_ids_BT`` a token attends only to
-    earlier tokens of its own segment (packed documents).
-    """
-    if impl == "pallas":
-        from pallas_kernels.flash_attention import flash_attention
-
-        def kernel(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT):
-            return flash_attention(q_BTHK, k_BSGK, v_BSGK, causal=True,
-                                   segment_ids=segment_ids_BT, impl="pallas")
-        # On a mesh the kernel runs on each device's batch rows and heads (kv heads split alike).
-        return per_shard(kernel, ("BTHK", "BSGK", "BSGK", "BT"), "BTHK")(
-            q_BTHK, k_BSGK, v_BSGK, segment_ids_BT)
-    if impl != "xla":
-        raise ValueError(f"attention impl {impl!r} is not available")
-    mask = None if segment_ids_BT is None else nn.segment_mask(segment_ids_BT)
-    return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask, is_causal=True,
-                                        implementation="xla")
-
-
-def _block(x_BTD: Array, p: dict[str, Any], sin_BTk: Array, cos_BTk: Array,
-           segment_ids_BT: Array | None, cfg: TransformerConfig) -> Array:
-    """One pre-norm block on un-stacked (single-layer) parameters ``p``."""
-    dt = x_BTD.dtype
-    p = constrain_params(p)  # FSDP: this layer's weights are gathered here, inside the scan
-    x_BTD = constrain(x_BTD, "BTD")
-    a = p["attn"]
-    h_BTD = nn.rms_norm(x_BTD, p["attn_norm"]["scale_LD"], cfg.norm_eps)
-    q_BTHK = jnp.einsum("btd,dhk->bthk", h_BTD, a["w_q_LDHK"].astype(dt))
-    k_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, a["w_k_LDGK"].astype(dt))
-    v_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, a["w_v_LDGK"].astype(dt))
-    if "q_norm" in a:
-        q_BTHK = nn.rms_norm(q_BTHK, a["q_norm"]["scale_LK"], cfg.norm_eps)
-        k_BTGK = nn.rms_norm(k_BTGK, a["k_norm"]["scale_LK"], cfg.norm_eps)
-    q_BTHK = constrain(nn.apply_rope(q_BTHK, sin_BTk, cos_BTk), "BTHK")
-    k_BTGK = constrain(nn.apply_rope(k_BTGK, sin_BTk, cos_BTk), "BTGK")
-    v_BTGK = constrain(v_BTGK, "BTGK")
-    ctx_BTHK = attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT=segment_ids_BT,
-                         impl=cfg.attention_impl)
-    ctx_BTHK = checkpoint_name(ctx_BTHK, "attn_context")
-    x_BTD = x_BTD + jnp.einsum("bthk,hkd->btd", ctx_BTHK, a["w_o_LHKD"].astype(dt))
-
-    m = p["mlp"]
-    h_BTD = nn.rms_norm(x_BTD, p["mlp_norm"]["scale_LD"], cfg.norm_eps)
-    return x_BTD + nn.swiglu(h_BTD, m["w_gate_LDF"], m["w_up_LDF"], m["w_down_LFD"])
-
-
-def _remat(fn, policy: str):
-    if policy == "none":
-        return fn
-    policies = {
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "dots": jax.checkpoint_policies.checkpoint_dots,
-        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        "save_attention": jax.checkpoint_policies.save_only_these_names("attn_context"),
-    }
-    return jax.checkpoint(fn, policy=policies[policy])
-
-
-def apply(params: dict[str, Any], tokens_BT: Array, cfg: TransformerConfig, *,
-          segment_ids_BT: Array | None = None) -> tuple[Array, dict[str, Array]]:
-    """Forward pass: ``tokens_BT`` int ids -> ``(logits_BTV float32, aux)``; ``aux`` is empty.
-
-    ``segment_ids_BT`` (optional) restricts attention to tokens of the same packed document.
-    """
-    table_VD = constrain_params(params["embed"]["table_VD"], "VD")
-    x_BTD = constrain(nn.embed(table_VD, tokens_BT, jnp.dtype(cfg.dtype)), "BTD")
-    return apply_embedded(params, x_BTD, cfg, segment_ids_BT=segment_ids_BT)
-
-
-def apply_embedded(params: dict[str, Any], x_BTD: Array, cfg: TransformerConfig, *,
-                   segment_ids_BT: Array | None = None) -> tuple[Array, dict[str, Array]]:
-    """The model after the embedding lookup: embedded inputs ``x_BTD`` -> ``(logits_BTV, aux)``."""
-    dt = jnp.dtype(cfg.dtype)
-    x_BTD = x_BTD.astype(dt)
-    B, T, _ = x_BTD.shape
-    positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-    sin_BTk, cos_BTk = nn.rope_sin_cos(positions_BT, cfg.k, cfg.rope_theta)
-
-    def body(x_BTD, p):
-        return _block(x_BTD, p, sin_BTk, cos_BTk, segment_ids_BT, cfg), None
-
-    body = _remat(body, cfg.remat)
-    if cfg.scan_layers:
-        x_BTD, _ = jax.lax.scan(body, x_BTD, params["layers"])
-    else:
-        for i in range(cfg.n_layers):
-            x_BTD, _ = body(x_BTD, jax.tree.map(lambda a, i=i: a[i], params["layers"]))
-
-    x_BTD = nn.rms_norm(x_BTD, params["final_norm"]["scale_D"], cfg.norm_eps)
-    if cfg.tie_embeddings:
-        w_DV = params["embed"]["table_VD"].T
-    else:
-        w_DV = params["head"]["w_DV"]
-    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, w_DV.astype(dt),
-                            preferred_element_type=jnp.float32)
-    return constrain(logits_BTV, "BTV"), {}
-
-
-# ---------------------------------------------------------------------------------------------------
-# counting
-
-
-def count_params(cfg: TransformerConfig) -> dict[str, int]:
-    """Analytic parameter count: ``total``, ``embedding`` (the V×D table, plus the untied head),
-    ``with_head`` (``non_embedding`` plus the V×D output head, tied or not: the N whose FLOPs ``6ND``
-    counts — Porian et al. 2024) and
-    ``non_embedding`` (everything else: blocks and the final norm), Kaplan et al.'s N."""
-    D, L, H, G, K, F, V = (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.k,
-                           cfg.d_ff, cfg.vocab_size)
-    attn = D * H * K + 2 * D * G * K + H * K * D + (2 * K if cfg.qk_norm else 0)
-    mlp = 3 * D * F
-    per_layer = attn + mlp + 2 * D
-    embedding = V * D * (1 if cfg.tie_embeddings else 2)
-    non_embedding = L * per_layer + D
-    return {"total": embedding + non_embedding, "non_embedding": non_embedding,
-            "embedding": embedding, "with_head": non_embedding + V * D}
+@functools.lru_cache(maxsize=256)
+def spec(cfg: TransformerConfig) -> lm.LMSpec:
+    """The scaffold's description of ``cfg``: blocks of attention then SwiGLU (with ``moe``, the
+    stacks of the module docstring). Init: truncated normal, std ``init_scale / sqrt(fan_in)``; the
+    residual output projections (``w_o``, ``w_down``, the experts' ``w_down``) further
+    ``/ sqrt(2 n_layers)``; norm scales 1."""
+    out_div = math.sqrt(2 * cfg.n_layers)
+    attn = Attention(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                     head_dim=cfg.k, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
+                     qk_norm=cfg.qk_norm, impl=cfg.attention_impl, init_scale=cfg.init_scale,
+                     out_div=out_div)
+    mlp = SwiGLU(d_model=cfg.d_model, d_ff=cfg.d_ff, init_scale=cfg.init_scale, out_div=out_div)
+    dense = (lm.Sublayer("attn", "attn_norm", attn), lm.Sublayer("mlp", "mlp_norm", mlp))
+    common = dict(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
+                  norm_eps=cfg.norm_eps, tie_embeddings=cfg.tie_embeddings,
+                  init_scale=cfg.init_scale, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  remat=cfg.remat, scan_layers=cfg.scan_layers)
+    if cfg.moe is None:
+        return lm.LMSpec(**common, block=dense)
+    m = cfg.moe
+    moe = MoE(d_model=cfg.d_model, n_experts=m.n_experts, top_k=m.top_k, d_expert=cfg.d_expert,
+              n_shared_experts=m.n_shared_experts, router=m.router,
+              capacity_factor=m.capacity_factor, load_balance_coeff=m.load_balance_coeff,
+              z_loss_coeff=m.z_loss_coeff, bias_update_rate=m.bias_update_rate, impl=m.impl,
+              init_scale=cfg.init_scale, out_div=out_div)
+    period = tuple(lm.Sublayer(f"{name}_{j}", f"{name}_norm_{j}", part)
+                   for j in range(m.every - 1) for name, part in (("attn", attn), ("mlp", mlp)))
+    period += (lm.Sublayer("attn", "attn_norm", attn), lm.Sublayer("moe", "moe_norm", moe))
+    n_periods, n_tail = divmod(cfg.n_layers - m.first_dense_layers, m.every)
+    stacks = ((lm.Stack("layers", m.first_dense_layers, dense),) if m.first_dense_layers else ())
+    stacks += (lm.Stack("moe_layers", n_periods, period),)
+    if n_tail:
+        stacks += (lm.Stack("tail_layers", n_tail, dense),)
+    return lm.LMSpec(**common, block=(), stacks=stacks)
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int, *,
@@ -295,11 +190,91 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int, *,
     (FlashAttention's convention). Norms, RoPE, softmax and the embedding gather are not counted.
     ``training`` is 3× ``forward`` (backward = 2× forward); rematerialization is not counted (model
     FLOPs, as in MFU).
+
+    With ``moe``, an MoE layer's FFN counts the router (``2·D·E``), the ``top_k`` experts a token is
+    sent to and the shared experts — the active FLOPs, not what an implementation runs: on CPU
+    ``ragged_dot`` computes every expert on every row (E× the routed FLOPs; tests/families.py), and
+    capacity mode computes its padded ``E·C`` rows.
     """
-    D, L, H, G, K, F, V = (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.k,
-                           cfg.d_ff, cfg.vocab_size)
-    proj = 2 * (D * H * K + 2 * D * G * K + H * K * D)
-    mlp = 2 * 3 * D * F
-    attn = 4 * seq_len * H * K * (0.5 if causal_attention else 1.0)
-    forward = L * (proj + mlp + attn) + 2 * D * V
-    return {"forward": float(forward), "training": float(3 * forward)}
+    s = spec(cfg)
+    kwargs = {sub.name: {"causal": causal_attention} for st in s.layer_stacks for sub in st.block
+              if isinstance(sub.part, Attention)}
+    return lm.flops_per_token(s, seq_len, kwargs)
+
+
+def count_params(cfg: TransformerConfig) -> dict[str, int]:
+    """:func:`jscale.models.lm.count_params`, with ``active`` the parameters a token uses: ``total``
+    less, in every MoE layer, the routed experts it is not sent to (``(E − top_k) · 3·D·d_expert``)."""
+    counts = lm.count_params(spec(cfg))
+    if cfg.moe is not None:
+        moe = next(sub.part for st in spec(cfg).layer_stacks for sub in st.block
+                   if isinstance(sub.part, MoE))
+        counts["active"] -= len(moe_layer_indices(cfg)) * (moe.count() - moe.active_count())
+    return counts
+
+
+class TransformerFamily(lm.LMFamily):
+    """The dense transformer family (see :class:`jscale.models.protocol.Family`)."""
+
+    name = "transformer"
+    config_cls = TransformerConfig
+
+    def spec(self, cfg: TransformerConfig) -> lm.LMSpec:
+        return spec(cfg)
+
+    def flops_per_token(self, cfg: TransformerConfig, seq_len: int) -> dict[str, float]:
+        return flops_per_token(cfg, seq_len)
+
+    def count_params(self, cfg: TransformerConfig) -> dict[str, int]:
+        return count_params(cfg)
+
+    def shape_step(self, base_model: TransformerConfig, *, head_dim: int | None,
+                   ffn_ratio: float | None) -> tuple[int, Any]:
+        """Widths in multiples of ``head_dim × (n_heads / n_kv_heads)`` (default: ``base_model``'s
+        head dim and grouping); ``n_heads = d_model / head_dim``, ``n_kv_heads`` keeps the grouping,
+        ``d_ff = ffn_ratio · d_model`` rounded up to a multiple of 8 (default: ``base_model``'s
+        ratio). With ``moe``: ``d_expert`` keeps its ratio to ``d_model`` (rounded up to a multiple
+        of 8), ``first_dense_layers`` and ``every`` are capped so that a shallow model still has an
+        MoE layer."""
+        k = head_dim or base_model.k
+        ratio = ffn_ratio or base_model.d_ff / base_model.d_model
+        q_per_kv = base_model.n_heads // base_model.n_kv_heads
+        moe = base_model.moe
+        expert_ratio = None if moe is None or moe.d_expert is None else moe.d_expert / base_model.d_model
+
+        def shaped(n_layers: int, d_model: int) -> TransformerConfig:
+            n_heads = d_model // k
+            new_moe = moe
+            if moe is not None:  # the expert width keeps its ratio; the layer pattern fits the depth
+                f = min(moe.first_dense_layers, n_layers - 1)
+                new_moe = dataclasses.replace(
+                    moe, first_dense_layers=f, every=min(moe.every, n_layers - f),
+                    d_expert=None if expert_ratio is None else 8 * math.ceil(expert_ratio * d_model / 8))
+            return dataclasses.replace(
+                base_model, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
+                head_dim=None if k * n_heads == d_model else k, n_kv_heads=n_heads // q_per_kv,
+                d_ff=8 * math.ceil(ratio * d_model / 8), moe=new_moe)
+        return k * q_per_kv, shaped
+
+    def describe(self, cfg: TransformerConfig) -> str:
+        out = (f"d_model={cfg.d_model} n_layers={cfg.n_layers} n_heads={cfg.n_heads} "
+               f"n_kv_heads={cfg.n_kv_heads} d_ff={cfg.d_ff}")
+        if cfg.moe is not None:
+            m = cfg.moe
+            out += (f" moe: n_experts={m.n_experts} top_k={m.top_k} d_expert={cfg.d_expert} "
+                    f"shared={m.n_shared_experts} layers={len(moe_layer_indices(cfg))}")
+        return out
+
+    def dim_fields(self, cfg: TransformerConfig) -> dict[str, str]:
+        out = {**super().dim_fields(cfg), "H": "model.n_heads", "G": "model.n_kv_heads",
+               "F": "the FFN / inner width (model.d_ff)", "K": "model.head_dim"}
+        if cfg.moe is not None:
+            out["E"] = "model.moe.n_experts"
+            out["F"] = "the FFN / expert width (model.d_ff, model.moe.d_expert)"
+        return out
+
+    def max_seq_len(self, cfg: TransformerConfig) -> int:
+        return cfg.max_seq_len
+
+
+FAMILY = registry.register(TransformerFamily())

@@ -1,19 +1,20 @@
 """Sweeps: generate grids in Python, train many runs per compiled program, never lose a result.
 
-* Grids: :func:`product`, :func:`zip_`, :func:`isoflop`, the shape rule :func:`shape_for_params`, and
-  :func:`run_id` (a stable id from the resolved config, less where it runs: the mesh, the cache dir).
+* Grids: :func:`product`, :func:`zip_`, :func:`isoflop`, the shape rule :func:`shape_for_params`
+  (the models' own, :func:`jscale.models.shape_for_params`), and :func:`run_id` (a stable id from the
+  resolved config, less where it runs: the mesh, the cache dir).
 * Running: :func:`run` groups runs by shape, trains each group as one ``vmap``-ed program (or one run
   at a time, or ``vmap`` where a timed probe finds it clearly faster), and writes
   ``out_dir/results.jsonl``; a rerun skips finished runs. :func:`load` reads the table back, with
   ``in_latest_grid`` marking the runs of the latest grid run into the directory.
 * Scripts: an experiment file defines ``grid(preset)`` and optionally ``analyze(df, out_dir)`` and
-  ends with ``jscale.sweep.main(grid, analyze)``; ``jscale sweep FILE --preset P --out DIR`` runs it.
+  ends with ``jscale.cli.experiment(grid, analyze)``; ``jscale sweep FILE --preset P --out DIR`` runs
+  it (:mod:`jscale.cli.script`).
 """
 
 from jscale.sweep.execute import run
 from jscale.sweep.grid import InvalidRun, isoflop, product, run_id, shape_for_params, zip_
-from jscale.sweep.script import main
 from jscale.sweep.store import load, load_curve
 
-__all__ = ["InvalidRun", "isoflop", "load", "load_curve", "main", "product", "run", "run_id",
+__all__ = ["InvalidRun", "isoflop", "load", "load_curve", "product", "run", "run_id",
            "shape_for_params", "zip_"]

@@ -1,4 +1,5 @@
-"""Generating grids of runs: Cartesian products, paired axes, IsoFLOP sets, and a shape rule.
+"""Generating grids of runs: Cartesian products, paired axes, IsoFLOP sets (sized by the family's
+shape rule, :func:`jscale.models.shape_for_params`, re-exported here).
 
 Every function returns a list whose items are :class:`~jscale.config.RunConfig` — or
 :class:`InvalidRun` for a combination that fails validation (say ``n_heads`` not dividing ``d_model``),
@@ -18,6 +19,10 @@ from typing import Any
 
 from jscale import models
 from jscale.config import ConfigError, RunConfig
+from jscale.models import shape_for_params
+
+__all__ = ["ISOFLOP_RTOL", "PLACEMENT_FIELDS", "InvalidRun", "isoflop", "product", "run_id",
+           "shape_for_params", "zip_"]
 
 #: ``isoflop`` keeps a size only if its whole-step FLOPs land within this fraction of the budget.
 ISOFLOP_RTOL = 0.05
@@ -103,75 +108,6 @@ def zip_(base: RunConfig, **axes: Sequence[Any]) -> list[RunConfig | InvalidRun]
 
 def _check_keys(base: RunConfig, axes: Mapping[str, Any]) -> None:
     base.check_keys(axes)  # the keys override accepts, nested ones included
-
-
-# ---------------------------------------------------------------------------------------------------
-# shape rule
-
-
-def shape_for_params(n_params: float, base_model: Any, *, aspect_ratio: float = 64.0,
-                     head_dim: int | None = None, ffn_ratio: float | None = None,
-                     max_layers: int = 64, count_rtol: float = 0.2,
-                     count: str = "non_embedding", min_layers: int = 1) -> Any:
-    """The model config of ``base_model``'s family with about ``n_params`` parameters (by default
-    **non-embedding**; see ``count``), under a fixed shape rule:
-
-    * ``n_heads = d_model / head_dim`` (default: ``base_model``'s head dim) and ``n_kv_heads`` keeps
-      ``base_model``'s query heads per kv head exactly — so ``d_model`` is a multiple of ``head_dim ×
-      (n_heads / n_kv_heads)``, and every size has the same attention (MHA stays MHA, GQA-2 stays
-      GQA-2); ``d_ff = ffn_ratio · d_model`` rounded up to a multiple of 8 (default: ``base_model``'s
-      ratio);
-    * for each depth ``n_layers`` in ``min_layers..max_layers`` the width whose count is closest to
-      ``n_params`` is found; among the depths whose count is within ``count_rtol`` of the best
-      achievable one, the one whose ``d_model / n_layers`` is closest to ``aspect_ratio`` wins
-      (Kaplan et al.'s depth/width ratio; the built-in presets use 64).
-
-    ``count`` names the parameter count that is matched: ``"non_embedding"`` (Kaplan et al.'s N),
-    ``"with_head"`` (plus the V×D output head, the N that ``C = 6ND`` counts) or ``"total"``; the exact
-    count of the result is ``jscale.count_params(cfg)[count]``. Fields a family lacks (e.g.
-    ``n_heads``) are left alone.
-    """
-    if n_params <= 0:
-        raise ConfigError(f"shape_for_params: n_params must be > 0 (got {n_params})")
-    if count not in ("non_embedding", "with_head", "total"):
-        raise ConfigError(f"shape_for_params: count must be 'non_embedding', 'with_head' or 'total' "
-                          f"(got {count!r})")
-    fields = {f.name for f in dataclasses.fields(base_model)}
-    k = head_dim or getattr(base_model, "k", None) or 64
-    ratio = ffn_ratio or (base_model.d_ff / base_model.d_model if "d_ff" in fields else None)
-    q_per_kv = (base_model.n_heads // base_model.n_kv_heads
-                if {"n_heads", "n_kv_heads"} <= fields else 1)
-
-    def shaped(n_layers: int, d_model: int):
-        change: dict[str, Any] = {"n_layers": n_layers, "d_model": d_model}
-        if "n_heads" in fields:
-            n_heads = d_model // k
-            change["n_heads"] = n_heads
-            if "head_dim" in fields:
-                change["head_dim"] = None if k * n_heads == d_model else k
-            if "n_kv_heads" in fields:
-                change["n_kv_heads"] = n_heads // q_per_kv
-        if ratio is not None:
-            change["d_ff"] = 8 * math.ceil(ratio * d_model / 8)
-        cfg = dataclasses.replace(base_model, **change)
-        return cfg, abs(math.log(models.count_params(cfg)[count] / n_params))
-
-    per_depth = []  # (count error, aspect error, cfg) of the best width at each depth
-    if not 1 <= min_layers <= max_layers:
-        raise ConfigError(f"shape_for_params: need 1 <= min_layers <= max_layers (got {min_layers}, "
-                          f"{max_layers})")
-    for n_layers in range(min_layers, max_layers + 1):
-        best, m = None, 1
-        while True:
-            cfg, err = shaped(n_layers, m * k * q_per_kv)
-            if best is not None and err > best[1]:
-                break  # the count grows with width: past the closest one
-            best, m = (cfg, err), m + 1
-        cfg, err = best
-        per_depth.append((err, abs(math.log(cfg.d_model / (aspect_ratio * n_layers))), cfg))
-    floor = min(e for e, _, _ in per_depth)
-    near = [p for p in per_depth if p[0] <= floor + math.log1p(count_rtol)]
-    return min(near, key=lambda p: p[1])[2]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ What may differ between the members of a group is data over a leading run axis R
 (initialization and data order) and ``model.init_scale``. Everything else — shapes, dtypes, batch,
 schedule *kind*, Adam's betas, logging cadence — is the group's signature.
 
-Two strategies run the same pure member step:
+Both strategies run the training core's member step (:func:`jscale.core.member_step`, the same
+``train_step`` a single run uses) and log every member with :class:`jscale.records.RunLog`, the rows
+``jscale train`` writes (timing fields aside), aux metrics included:
 
 * ``"vmap"``: init and step ``vmap``-ed over R and jitted once for the group. With a mesh
   (``RunConfig.mesh``, see :mod:`jscale.sharding`) the R axis is sharded over the ``runs`` axis, so
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -34,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jscale import core, optim, records
 from jscale import data as data_lib
-from jscale import models, optim
+from jscale import mesh as mesh_lib
 from jscale import sharding as sharding_lib
-from jscale import train as train_lib
 from jscale.config import ConfigError, RunConfig
 
 #: Dotted config fields that may differ inside a group (data over R) and their canonical value in
@@ -53,21 +54,15 @@ def signature(cfg: RunConfig) -> RunConfig:
 
 
 def _member_data(runs: list[RunConfig]) -> dict[str, np.ndarray]:
-    """Per-member arrays ``[R]``: PRNG keys, init scales and the optimizer's injected hyperparams."""
-    return {
-        "key": np.stack([np.asarray(jax.random.PRNGKey(r.train.seed)) for r in runs]),
-        "init_scale": np.array([getattr(r.model, "init_scale", 1.0) for r in runs], np.float32),
-        "learning_rate": np.array([r.optim.lr for r in runs], np.float32),
-        "weight_decay": np.array([r.optim.weight_decay for r in runs], np.float32),
-        "warmup_steps": np.array([r.optim.warmup_steps for r in runs], np.float32),
-        "total_steps": np.array([r.train.steps for r in runs], np.float32),
-    }
+    """Per-member arrays ``[R]`` for the programs of the runs' group (:func:`jscale.core.member_data`
+    relative to the group signature)."""
+    return core.member_data(runs, signature(runs[0]))
 
 
 @dataclasses.dataclass
 class Programs:
     """The group's functions over a leading R axis: ``init(member_data) -> (state, alive)``,
-    ``step(state, alive, batch, active) -> (state, alive, metrics)``, ``evaluate(params, batch)``."""
+    ``step(state, alive, batch, active) -> (state, alive, metrics)``, ``evaluate(state, batch)``."""
 
     init: Callable
     step: Callable
@@ -81,33 +76,22 @@ def build_programs(common: RunConfig, strategy: str,
     """Jitted init / step / eval for ``strategy`` ("vmap" or "sequential") on ``common``'s shapes;
     with a ``layout`` (vmap only), sharded over its mesh: R over ``runs``, the rest by the rules."""
     optimizer = optim.make_optimizer(common.optim, common.train.steps)
-    threshold = common.divergence_threshold
     traces: list = []
 
     def init_member(d):
-        init_key, rng = jax.random.split(d["key"])
-        params = models.scale_init(models.init(init_key, common.model), d["init_scale"], common.model)
-        opt_state = optimizer.init(params)
-        hp = {k: d[k] for k in ("learning_rate", "weight_decay", "warmup_steps", "total_steps")}
-        opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **hp})
-        state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                     opt_state=opt_state, rng=rng)
-        return state, jnp.ones((), bool)
+        return core.init_state(common, optimizer, d), jnp.ones((), bool)
 
     def step_member(state, alive, batch, active):
         traces.append(1)
-        new, metrics = train_lib.train_step(state, batch, cfg=common, optimizer=optimizer)
-        alive = alive & (train_lib.healthy(metrics["loss"], threshold) | ~active)
-        keep_new = active & alive
-        state = jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, state)
-        return state, alive, metrics
+        return core.member_step(state, alive, batch, active, cfg=common, optimizer=optimizer)
 
-    def eval_member(params, batch):
-        return train_lib.loss_fn(params, batch, common.model)[1]["ce_loss"]
+    def eval_member(state, batch):
+        return core.eval_loss(state, batch, common.model)
 
     if strategy == "vmap":
         if layout is not None:
-            return _sharded_programs(common, layout, init_member, step_member, eval_member, traces)
+            return _sharded_programs(common, optimizer, layout, init_member, step_member,
+                                     eval_member, traces)
         init, step = jax.vmap(init_member), jax.vmap(step_member)
         evaluate = jax.vmap(eval_member, in_axes=(0, None))
     elif strategy == "sequential":  # the un-batched step, R = 1 at a time
@@ -128,78 +112,34 @@ def build_programs(common: RunConfig, strategy: str,
                     evaluate=jax.jit(evaluate), traces=traces)
 
 
-def _sharded_programs(common: RunConfig, layout: sharding_lib.Layout, init_member, step_member,
-                      eval_member, traces: list) -> Programs:
+def _sharded_programs(common: RunConfig, optimizer, layout: sharding_lib.Layout, init_member,
+                      step_member, eval_member, traces: list) -> Programs:
     """The vmapped programs jitted with the layout's shardings: members over ``runs`` (the vmap's
     ``spmd_axis_name``, so activation constraints inside a member gain the R axis), parameters and
     optimizer state by their names, batches ``[R, B, T]`` over ``runs`` and ``data × fsdp``."""
-    mesh = layout.mesh
     runs = layout.sharding(P("runs"))
-    init = jax.vmap(init_member)
-    abstract_state, _ = jax.eval_shape(init, _member_data([common] * layout.axis_sizes["runs"]))
-    state_sh = sharding_lib.tree_shardings(abstract_state, mesh, layout.param_rules, runs_axis=True)
+    state_sh = core.state_shardings(common, optimizer, layout, members=layout.axis_sizes["runs"])
     step = sharding_lib.traced_under(layout, jax.vmap(step_member, spmd_axis_name="runs"))
     evaluate = sharding_lib.traced_under(
         layout, jax.vmap(eval_member, in_axes=(0, None), spmd_axis_name="runs"))
     return Programs(
-        init=jax.jit(init, in_shardings=(runs,), out_shardings=(state_sh, runs)),
+        init=jax.jit(jax.vmap(init_member), in_shardings=(runs,), out_shardings=(state_sh, runs)),
         step=jax.jit(step, in_shardings=(state_sh, runs, layout.batch_sharding(runs_axis=True), runs),
                      out_shardings=(state_sh, runs, layout.replicated()), donate_argnums=(0, 1)),
-        evaluate=jax.jit(evaluate, in_shardings=(state_sh.params, layout.batch_sharding()),
+        evaluate=jax.jit(evaluate, in_shardings=(state_sh, layout.batch_sharding()),
                          out_shardings=layout.replicated()),
         traces=traces, layout=layout)
 
 
-class _MemberLog:
-    """Rows of one member, built like ``train.train``'s ``metrics.jsonl`` rows, and its last
-    ``FINAL_LOSS_STEPS`` step losses (``final_train_loss``)."""
-
-    def __init__(self, cfg: RunConfig):
-        self.cfg, self.rows, self.pending = cfg, [], []
-        self.eval_losses: list[float] = []
-        self.recent: deque[float] = deque(maxlen=train_lib.FINAL_LOSS_STEPS)
-        self.diverged_step: int | None = None
-        self.threshold = cfg.divergence_threshold
-
-    @property
-    def running(self) -> bool:
-        return self.diverged_step is None
-
-    @property
-    def final_train_loss(self) -> float | None:
-        """Mean training loss of the last ``FINAL_LOSS_STEPS`` steps (``None`` if diverged)."""
-        return float(np.mean(self.recent)) if self.recent and self.running else None
-
-    def add(self, step: int, loss: float, lr: float, grad_norm: float,
-            eval_loss: float | None, row_due: bool) -> None:
-        if not self.running:
-            return
-        if not train_lib.healthy(loss, self.threshold):
-            self.diverged_step = step
-            return
-        self.pending.append(loss)
-        self.recent.append(loss)
-        if row_due or eval_loss is not None:
-            tc = self.cfg.train
-            row = {"step": step, "loss": float(np.mean(self.pending)), "lr": lr,
-                   "grad_norm": grad_norm, "tokens": step * tc.batch_size * tc.seq_len}
-            if eval_loss is not None:
-                row["eval_loss"] = eval_loss
-                self.eval_losses.append(eval_loss)
-            self.rows.append(row)
-            self.pending = []
-
-
 def _due(cfg: RunConfig, step: int) -> tuple[bool, bool]:
     """(row due, eval due) for a member at ``step`` (1-based)."""
-    tc = cfg.train
-    last = step == tc.steps
-    return (last or step % tc.log_every == 0,
-            last or bool(tc.eval_every and step % tc.eval_every == 0))
+    due = records.due(cfg.train, step)
+    return due.row, due.eval
 
 
 def run_group(members: list[RunConfig], programs: Programs, corpus: data_lib.Corpus,
-              *, on_step: Callable[[float], None] | None = None) -> tuple[list[_MemberLog], float]:
+              *, on_step: Callable[[float], None] | None = None
+              ) -> tuple[list[records.RunLog], float]:
     """Train ``members`` (one chunk of R) with ``programs``; returns their logs and the wall time.
 
     With sharded programs, R is padded to a multiple of the ``runs`` axis with inactive copies.
@@ -218,7 +158,7 @@ def run_group(members: list[RunConfig], programs: Programs, corpus: data_lib.Cor
         # Every process holds the whole host array; each device takes its slice.
         if layout is None:
             return x
-        return jax.tree.map(lambda a: sharding_lib.put_global(a, sharding or runs_sharding), x)
+        return jax.tree.map(lambda a: mesh_lib.put_global(a, sharding or runs_sharding), x)
 
     state, alive = programs.init(put(_member_data(members)))
     # Multi-process: a process reads only the data of the members its devices hold (the others'
@@ -233,7 +173,7 @@ def run_group(members: list[RunConfig], programs: Programs, corpus: data_lib.Cor
     if layout is not None:
         evals = [put(b, layout.batch_sharding()) for b in evals]
         batch_sharding = layout.batch_sharding(runs_axis=True)
-    logs = [_MemberLog(m) for m in members]
+    logs = [records.RunLog(m) for m in members]
     steps = np.array([m.train.steps for m in members])
     steps[real:] = 0  # padding members never train
     last_batch = [None] * R
@@ -256,7 +196,7 @@ def run_group(members: list[RunConfig], programs: Programs, corpus: data_lib.Cor
             continue
         eval_R = None
         if any(ev for _, ev in dues):
-            eval_R = np.mean([np.asarray(programs.evaluate(state.params, b)) for b in evals], axis=0)
+            eval_R = np.mean([np.asarray(programs.evaluate(state, b)) for b in evals], axis=0)
         host = jax.device_get(pending)
         for s, m in host:
             for r in range(real):
@@ -264,8 +204,8 @@ def run_group(members: list[RunConfig], programs: Programs, corpus: data_lib.Cor
                     continue
                 row_due, eval_due = _due(members[r], s)
                 ev = float(eval_R[r]) if (s == step and eval_due and eval_R is not None) else None
-                logs[r].add(s, float(m["loss"][r]), float(m["lr"][r]), float(m["grad_norm"][r]),
-                            ev, row_due)
+                if logs[r].add(s, {k: v[r] for k, v in m.items()}) and (row_due or ev is not None):
+                    logs[r].row(s, eval_loss=ev)
         pending = []
         if not any(logs[r].running and steps[r] > step for r in range(real)):
             break  # every member has diverged or finished: nothing left to train
@@ -282,8 +222,5 @@ def _held_members(sharding, R: int) -> np.ndarray:
 
 def make_layout(cfg: RunConfig) -> sharding_lib.Layout | None:
     """The layout ``cfg.mesh`` asks for (checked against ``cfg``; the ``runs`` axis allowed), or
-    ``None`` for the default one-device mesh."""
-    if sharding_lib.is_single_device(cfg.mesh):
-        return None
-    sharding_lib.check_mesh(cfg, sweep=True)
-    return sharding_lib.Layout(sharding_lib.make_mesh(cfg.mesh))
+    ``None`` for the default one-device mesh (:func:`jscale.core.make_layout`)."""
+    return core.make_layout(cfg, sweep=True)

@@ -26,6 +26,10 @@ probabilities from the forward's log-sum-exp. The tile math (``_fwd_step``, ``_b
 Causal skipping: tiles wholly above the diagonal are never loaded or computed; tiles wholly below it
 (and not in a padded key block, and without segment ids) skip the mask arithmetic.
 
+Tile letters (beside the model's B T S H G K): Q a query block (``block_q`` rows), C a key block
+(``block_k`` columns), U the lanes of a row statistic (1, or 128 lane-replicated on TPU), Y the rows
+of a key segment-id tile (1, or a sublane tile of 8).
+
 Inputs arrive padded by ``ops`` to multiples of the block sizes; ``Spec.t`` / ``Spec.s`` are the
 true lengths (padded keys are masked; padded queries are sliced off, and their zero cotangents make
 them contribute nothing to dk/dv).
@@ -108,17 +112,17 @@ def _dot(a, b, contract: tuple[int, int]) -> Array:
                            precision=_precision(a.dtype), preferred_element_type=jnp.float32)
 
 
-def _expand(stat_QW: Array, n: int) -> Array:
-    """Row statistics ``[Q, W]`` (W = 1, or lane-replicated 128) as ``[Q, n]``-broadcastable."""
-    w = stat_QW.shape[-1]
+def _expand(stat_QU: Array, n: int) -> Array:
+    """Row statistics ``[Q, U]`` (U = 1, or lane-replicated 128) as ``[Q, n]``-broadcastable."""
+    w = stat_QU.shape[-1]
     if w == 1 or w == n:
-        return stat_QW
+        return stat_QU
     if n < w:
-        return stat_QW[:, :n]
-    return jnp.tile(stat_QW, (1, n // w))
+        return stat_QU[:, :n]
+    return jnp.tile(stat_QU, (1, n // w))
 
 
-def _block_mask(q0, k0, bq: int, bk: int, q_seg_QW, kv_seg_RK, spec: Spec) -> Array:
+def _block_mask(q0, k0, bq: int, bk: int, q_seg_QU, kv_seg_YC, spec: Spec) -> Array:
     """``[bq, bk]`` True where query ``q0 + row`` may attend key ``k0 + col``."""
     mask = None
 
@@ -132,21 +136,21 @@ def _block_mask(q0, k0, bq: int, bk: int, q_seg_QW, kv_seg_RK, spec: Spec) -> Ar
         if spec.s_pad != spec.s:
             mask = both(mask, cols < spec.s)
     if spec.segments:
-        mask = both(mask, _expand(q_seg_QW, bk) == kv_seg_RK[:1, :])
+        mask = both(mask, _expand(q_seg_QU, bk) == kv_seg_YC[:1, :])
     return mask
 
 
-def _fwd_step(carry, q_QK, k_BK, v_BK, mask, scale: float):
+def _fwd_step(carry, q_QK, k_CK, v_CK, mask, scale: float):
     """One online-softmax update of ``(m, l, acc)`` with a ``[bq, bk]`` tile."""
     m_prev, l_prev, acc_QK = carry
-    s_QB = _dot(q_QK, k_BK, (1, 1)) * scale
+    s_QC = _dot(q_QK, k_CK, (1, 1)) * scale
     if mask is not None:
-        s_QB = jnp.where(mask, s_QB, -jnp.inf)
-    m_next = jnp.maximum(m_prev, s_QB.max(axis=-1, keepdims=True))
+        s_QC = jnp.where(mask, s_QC, -jnp.inf)
+    m_next = jnp.maximum(m_prev, s_QC.max(axis=-1, keepdims=True))
     alpha = jnp.exp(m_prev - m_next)
-    p_QB = jnp.exp(s_QB - _expand(m_next, s_QB.shape[-1]))
-    l_next = alpha * l_prev + p_QB.sum(axis=-1, keepdims=True)
-    acc_QK = _expand(alpha, acc_QK.shape[-1]) * acc_QK + _dot(p_QB.astype(v_BK.dtype), v_BK, (1, 0))
+    p_QC = jnp.exp(s_QC - _expand(m_next, s_QC.shape[-1]))
+    l_next = alpha * l_prev + p_QC.sum(axis=-1, keepdims=True)
+    acc_QK = _expand(alpha, acc_QK.shape[-1]) * acc_QK + _dot(p_QC.astype(v_CK.dtype), v_CK, (1, 0))
     return m_next, l_next, acc_QK
 
 
@@ -155,24 +159,24 @@ def _fwd_init(bq: int, k: int, w: int):
             jnp.zeros((bq, k), jnp.float32))
 
 
-def _fwd_finish(m_QW, l_QW, acc_QK):
+def _fwd_finish(m_QU, l_QU, acc_QK):
     """Normalized output and log-sum-exp; a row that saw no key gets output 0 and lse 0."""
-    empty = l_QW == 0.0
-    out_QK = acc_QK / _expand(jnp.where(empty, 1.0, l_QW), acc_QK.shape[-1])
-    lse_QW = jnp.where(empty, 0.0, m_QW + jnp.log(jnp.where(empty, 1.0, l_QW)))
-    return out_QK, lse_QW
+    empty = l_QU == 0.0
+    out_QK = acc_QK / _expand(jnp.where(empty, 1.0, l_QU), acc_QK.shape[-1])
+    lse_QU = jnp.where(empty, 0.0, m_QU + jnp.log(jnp.where(empty, 1.0, l_QU)))
+    return out_QK, lse_QU
 
 
-def _bwd_step(q_QK, k_BK, v_BK, do_QK, lse_QW, delta_QW, mask, scale: float):
+def _bwd_step(q_QK, k_CK, v_CK, do_QK, lse_QU, delta_QU, mask, scale: float):
     """Recomputed probabilities ``p`` and score gradients ``ds`` (unscaled) of one tile."""
-    s_QB = _dot(q_QK, k_BK, (1, 1)) * scale
+    s_QC = _dot(q_QK, k_CK, (1, 1)) * scale
     if mask is not None:
-        s_QB = jnp.where(mask, s_QB, -jnp.inf)
-    bk = s_QB.shape[-1]
-    p_QB = jnp.exp(s_QB - _expand(lse_QW, bk))
-    dp_QB = _dot(do_QK, v_BK, (1, 1))
-    ds_QB = p_QB * (dp_QB - _expand(delta_QW, bk))
-    return p_QB, ds_QB
+        s_QC = jnp.where(mask, s_QC, -jnp.inf)
+    bk = s_QC.shape[-1]
+    p_QC = jnp.exp(s_QC - _expand(lse_QU, bk))
+    dp_QC = _dot(do_QK, v_CK, (1, 1))
+    ds_QC = p_QC * (dp_QC - _expand(delta_QU, bk))
+    return p_QC, ds_QC
 
 
 def _div(a, b: int):
@@ -239,12 +243,12 @@ def _kv_block(j, k_ref, v_ref, kvseg_ref, q0, bq: int, bk: int, q_seg, masked: b
     """The ``j``-th K/V block of the loop schedule and, on blocks that need one (``masked``), its
     causal/segment mask against the query block starting at ``q0``."""
     k0 = pl.multiple_of(j * bk, bk)
-    k_BK, v_BK = k_ref[pl.ds(k0, bk), :], v_ref[pl.ds(k0, bk), :]
+    k_CK, v_CK = k_ref[pl.ds(k0, bk), :], v_ref[pl.ds(k0, bk), :]
     mask = None
     if masked:
         kv_seg = kvseg_ref[:, pl.ds(k0, bk)] if spec.segments else None
         mask = _block_mask(q0, k0, bq, bk, q_seg, kv_seg, spec)
-    return k_BK, v_BK, mask
+    return k_CK, v_CK, mask
 
 
 def _fwd_loop_kernel(*refs, spec: Spec):
@@ -255,9 +259,9 @@ def _fwd_loop_kernel(*refs, spec: Spec):
     q_seg = qseg_ref[...] if spec.segments else None
 
     def body(j, carry, masked):
-        k_BK, v_BK, mask = _kv_block(j, k_ref, v_ref, kvseg_ref, i * bq, bq, bk, q_seg, masked,
+        k_CK, v_CK, mask = _kv_block(j, k_ref, v_ref, kvseg_ref, i * bq, bq, bk, q_seg, masked,
                                      spec)
-        return _fwd_step(carry, q_QK, k_BK, v_BK, mask, spec.scale)
+        return _fwd_step(carry, q_QK, k_CK, v_CK, mask, spec.scale)
 
     n_full, n_end = _kv_range(i, bq, bk, spec)
     carry = _fwd_init(bq, q_QK.shape[-1], 1)
@@ -277,10 +281,10 @@ def _dq_loop_kernel(*refs, spec: Spec):
     q_seg = qseg_ref[...] if spec.segments else None
 
     def body(j, dq_QK, masked):
-        k_BK, v_BK, mask = _kv_block(j, k_ref, v_ref, kvseg_ref, i * bq, bq, bk, q_seg, masked,
+        k_CK, v_CK, mask = _kv_block(j, k_ref, v_ref, kvseg_ref, i * bq, bq, bk, q_seg, masked,
                                      spec)
-        _, ds_QB = _bwd_step(q_QK, k_BK, v_BK, do_QK, lse, delta, mask, spec.scale)
-        return dq_QK + _dot(ds_QB.astype(k_BK.dtype), k_BK, (1, 0))
+        _, ds_QC = _bwd_step(q_QK, k_CK, v_CK, do_QK, lse, delta, mask, spec.scale)
+        return dq_QK + _dot(ds_QC.astype(k_CK.dtype), k_CK, (1, 0))
 
     n_full, n_end = _kv_range(i, bq, bk, spec)
     dq_QK = jnp.zeros(q_QK.shape, jnp.float32)
@@ -294,12 +298,12 @@ def _dkv_loop_kernel(*refs, spec: Spec):
         _unpack(refs, 6, spec))
     bq, bk = spec.block_q_bwd, spec.block_k_bwd
     j = pl.program_id(2)
-    k_BK, v_BK = k_ref[...], v_ref[...]
+    k_CK, v_CK = k_ref[...], v_ref[...]
     kv_seg = kvseg_ref[...] if spec.segments else None
     first, m_end = _q_range(j, bq, bk, spec)
 
     def body(i, carry, r, masked):
-        dk_BK, dv_BK = carry
+        dk_CK, dv_CK = carry
         q0 = pl.multiple_of(i * bq, bq)
         q_QK, do_QK = q_ref[pl.ds(q0, bq), r, :], do_ref[pl.ds(q0, bq), r, :]
         lse, delta = lse_ref[r, pl.ds(q0, bq), :], delta_ref[r, pl.ds(q0, bq), :]
@@ -307,20 +311,20 @@ def _dkv_loop_kernel(*refs, spec: Spec):
         if masked:
             q_seg = qseg_ref[pl.ds(q0, bq), :] if spec.segments else None
             mask = _block_mask(q0, j * bk, bq, bk, q_seg, kv_seg, spec)
-        p_QB, ds_QB = _bwd_step(q_QK, k_BK, v_BK, do_QK, lse, delta, mask, spec.scale)
-        dv_BK = dv_BK + _dot(p_QB.astype(do_QK.dtype), do_QK, (0, 0))
-        dk_BK = dk_BK + _dot(ds_QB.astype(q_QK.dtype), q_QK, (0, 0))
-        return dk_BK, dv_BK
+        p_QC, ds_QC = _bwd_step(q_QK, k_CK, v_CK, do_QK, lse, delta, mask, spec.scale)
+        dv_CK = dv_CK + _dot(p_QC.astype(do_QK.dtype), do_QK, (0, 0))
+        dk_CK = dk_CK + _dot(ds_QC.astype(q_QK.dtype), q_QK, (0, 0))
+        return dk_CK, dv_CK
 
     def head(r, carry):  # the query heads that share this kv head
         carry = lax.fori_loop(first, m_end, functools.partial(body, r=r, masked=True), carry)
         return lax.fori_loop(m_end, spec.t_pad // bq, functools.partial(body, r=r, masked=False),
                              carry)
 
-    zeros = jnp.zeros(k_BK.shape, jnp.float32)
-    dk_BK, dv_BK = lax.fori_loop(0, spec.rep, head, (zeros, zeros))
-    dk_ref[...] = (dk_BK * spec.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv_BK.astype(dv_ref.dtype)
+    zeros = jnp.zeros(k_CK.shape, jnp.float32)
+    dk_CK, dv_CK = lax.fori_loop(0, spec.rep, head, (zeros, zeros))
+    dk_ref[...] = (dk_CK * spec.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_CK.astype(dv_ref.dtype)
 
 
 def _loop_forward(q, k, v, q_seg, kv_seg, spec: Spec):
@@ -417,9 +421,9 @@ def _fwd_grid_kernel(*refs, spec: Spec):
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
-        out_QK, lse_QW = _fwd_finish(m_scr[...], l_scr[...], acc_scr[...])
+        out_QK, lse_QU = _fwd_finish(m_scr[...], l_scr[...], acc_scr[...])
         o_ref[...] = out_QK.astype(o_ref.dtype)
-        lse_ref[...] = lse_QW
+        lse_ref[...] = lse_QU
 
 
 def _dq_grid_kernel(*refs, spec: Spec):
@@ -437,10 +441,10 @@ def _dq_grid_kernel(*refs, spec: Spec):
         if masked:
             mask = _block_mask(i * bq, j * bk, bq, bk, qseg_ref[...] if spec.segments else None,
                                kvseg_ref[...] if spec.segments else None, spec)
-        k_BK = k_ref[...]
-        _, ds_QB = _bwd_step(q_ref[...], k_BK, v_ref[...], do_ref[...], lse_ref[...],
+        k_CK = k_ref[...]
+        _, ds_QC = _bwd_step(q_ref[...], k_CK, v_ref[...], do_ref[...], lse_ref[...],
                              delta_ref[...], mask, spec.scale)
-        dq_scr[...] += _dot(ds_QB.astype(k_BK.dtype), k_BK, (1, 0))
+        dq_scr[...] += _dot(ds_QC.astype(k_CK.dtype), k_CK, (1, 0))
 
     n_full, n_end = _kv_range(i, bq, bk, spec)
     pl.when(j < n_full)(lambda: step(False))
@@ -468,10 +472,10 @@ def _dkv_grid_kernel(*refs, spec: Spec):
             mask = _block_mask(i * bq, j * bk, bq, bk, qseg_ref[...] if spec.segments else None,
                                kvseg_ref[...] if spec.segments else None, spec)
         q_QK, do_QK = q_ref[...], do_ref[...]
-        p_QB, ds_QB = _bwd_step(q_QK, k_ref[...], v_ref[...], do_QK, lse_ref[...], delta_ref[...],
+        p_QC, ds_QC = _bwd_step(q_QK, k_ref[...], v_ref[...], do_QK, lse_ref[...], delta_ref[...],
                                 mask, spec.scale)
-        dv_scr[...] += _dot(p_QB.astype(do_QK.dtype), do_QK, (0, 0))
-        dk_scr[...] += _dot(ds_QB.astype(q_QK.dtype), q_QK, (0, 0))
+        dv_scr[...] += _dot(p_QC.astype(do_QK.dtype), do_QK, (0, 0))
+        dk_scr[...] += _dot(ds_QC.astype(q_QK.dtype), q_QK, (0, 0))
 
     first, m_end = _q_range(j, bq, bk, spec)
     pl.when((i >= first) & (i < m_end))(lambda: step(True))

@@ -20,6 +20,8 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from jscale.laws.uncertainty import allocation_samples, percentile_interval
+
 _INPUT_LABELS = {"N": "parameters N", "D": "tokens D", "P": "streams P"}
 #: Figure resolution of the written PNGs.
 DPI = 150
@@ -123,7 +125,6 @@ def frontier_data(*, iso=None, iso_boot=None, chinchilla=None, chinchilla_boot=N
         a2 = {"N": iso.N_opt(C), "D": iso.D_opt(C), "N_min": iso.N_min, "D_min": iso.D_min,
               "budgets": iso.budgets, "a": iso.a, "b": iso.b}
         if iso_boot is not None:
-            from jscale.laws.uncertainty import percentile_interval
             s = iso_boot.samples
             a2["band_C"] = C
             a2["band_N"] = percentile_interval(s["N_coef"][None, :] * C[:, None] ** s["a"][None, :],
@@ -140,7 +141,6 @@ def frontier_data(*, iso=None, iso_boot=None, chinchilla=None, chinchilla_boot=N
             a, bb = (float(np.polyfit(np.log(C), np.log(v), 1)[0]) for v in (N3, D3))
         a3 = {"N": N3, "D": D3, "a": a, "b": bb, "label": f"Approach 3 ({label})"}
         if chinchilla_boot is not None:
-            from jscale.laws.uncertainty import allocation_samples, percentile_interval
             Cb = C if flops_per_token is None else np.geomspace(C[0], C[-1], BAND_POINTS)
             Nb, Db = allocation_samples(chinchilla_boot.samples, Cb, flops_per_token)
             a3["band_C"] = Cb

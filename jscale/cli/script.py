@@ -1,6 +1,6 @@
 """Experiment scripts: plain Python files that define ``grid(preset) -> list[RunConfig]`` (and may
 define ``analyze(df, out_dir)``). They run as ``python experiments/NAME.py --preset P --out DIR``
-(the script ends with ``if __name__ == "__main__": jscale.sweep.main(grid, analyze)``) or as
+(the script ends with ``if __name__ == "__main__": jscale.cli.experiment(grid, analyze)``) or as
 ``jscale sweep experiments/NAME.py --preset P --out DIR``.
 
 ``--set KEY=VALUE`` (repeatable) overrides a config field of every run, typed and validated like
@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+from jscale.cli.parser import Parser
 from jscale.config import ConfigError, parse_overrides
-from jscale.sharding import add_distributed_arguments, initialize_from_args, is_primary
+from jscale.mesh import add_distributed_arguments, initialize_from_args, is_primary
 
 
 def load_script(path: str | Path) -> ModuleType:
@@ -83,11 +84,11 @@ def run_script(grid: Callable, analyze: Callable | None, args: argparse.Namespac
     return 0
 
 
-def main(grid: Callable, analyze: Callable | None = None, argv: list[str] | None = None) -> None:
-    """Command line of an experiment script (``python experiments/NAME.py --preset P --out DIR``)."""
-    from jscale.cli import _Parser
-
-    parser = _Parser(description=(grid.__doc__ or "").strip().splitlines()[0] if grid.__doc__
+def experiment(grid: Callable, analyze: Callable | None = None, argv: list[str] | None = None
+               ) -> None:
+    """Command line of an experiment script (``python experiments/NAME.py --preset P --out DIR``):
+    parse ``argv`` (default ``sys.argv[1:]``), run the grid, ``analyze`` the table, and exit."""
+    parser = Parser(description=(grid.__doc__ or "").strip().splitlines()[0] if grid.__doc__
                      else None)
     add_sweep_arguments(parser)
     args = parser.parse_args(argv)

@@ -1,0 +1,129 @@
+"""Grouped-query attention with RoPE and optional qk-norm, as a block part.
+
+Leaves (one layer): ``w_q_DHK``, ``w_k_DGK``, ``w_v_DGK``, ``w_o_HKD`` and, with qk-norm,
+``q_norm.scale_K`` / ``k_norm.scale_K``. Causal self-attention over the block's tokens; with
+``segment_ids_BT`` a token attends only to its own packed document.
+
+A **prefix KV** may arrive as this layer's ``layer_input`` (``{"prefix_k_BSGK", "prefix_v_BSGK"}``,
+extra keys/values ``[B, S_prefix, G, K]``): they are prepended to the keys and values, get no RoPE,
+and every query sees them regardless of causality and segment ids (ParScale's per-stream prefixes).
+Only the XLA path takes a prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jscale import nn
+from jscale.models.parts.base import Const, Context, Leaf, Normal, Part
+from jscale.sharding import constrain, per_shard
+
+Array = jax.Array
+
+
+def attention(q_BTHK: Array, k_BSGK: Array, v_BSGK: Array, *, segment_ids_BT: Array | None,
+              impl: str, prefix_k_BSGK: Array | None = None,
+              prefix_v_BSGK: Array | None = None) -> Array:
+    """Causal grouped-query attention; the one place an attention implementation is chosen.
+
+    ``impl="xla"`` uses ``jax.nn.dot_product_attention`` (GQA without repeating K/V per query head);
+    ``impl="pallas"`` the flash-attention kernel. With ``segment_ids_BT`` a token attends only to
+    earlier tokens of its own segment (packed documents). ``prefix_k_BSGK`` / ``prefix_v_BSGK``
+    (optional, together): keys/values every query attends to, before its causal window.
+    """
+    prefixed = prefix_k_BSGK is not None
+    if impl == "pallas":
+        if prefixed:
+            raise NotImplementedError("attention_impl='pallas' takes no prefix keys/values; use "
+                                      "attention_impl='xla'")
+        from pallas_kernels.flash_attention import flash_attention
+
+        def kernel(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT):
+            return flash_attention(q_BTHK, k_BSGK, v_BSGK, causal=True,
+                                   segment_ids=segment_ids_BT, impl="pallas")
+        # On a mesh the kernel runs on each device's batch rows and heads (kv heads split alike).
+        return per_shard(kernel, ("BTHK", "BSGK", "BSGK", "BT"), "BTHK")(
+            q_BTHK, k_BSGK, v_BSGK, segment_ids_BT)
+    if impl != "xla":
+        raise ValueError(f"attention impl {impl!r} is not available")
+    if not prefixed:
+        mask = None if segment_ids_BT is None else nn.segment_mask(segment_ids_BT)
+        return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask, is_causal=True,
+                                            implementation="xla")
+    B, T = q_BTHK.shape[:2]
+    S = prefix_k_BSGK.shape[1]
+    seen_BTT = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+    if segment_ids_BT is not None:
+        seen_BTT = seen_BTT & nn.segment_mask(segment_ids_BT)[:, 0]
+    mask = jnp.concatenate([jnp.ones((B, T, S), bool), seen_BTT], axis=-1)[:, None]
+    k_BSGK = jnp.concatenate([prefix_k_BSGK.astype(k_BSGK.dtype), k_BSGK], axis=1)
+    v_BSGK = jnp.concatenate([prefix_v_BSGK.astype(v_BSGK.dtype), v_BSGK], axis=1)
+    return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask, implementation="xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class Attention(Part):
+    """GQA + RoPE (+ qk-norm) part. ``out_div`` further divides the output projection's init std
+    (the family's residual-depth rescale); ``init_scale`` multiplies every random leaf's std."""
+
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    norm_eps: float
+    qk_norm: bool
+    impl: str
+    init_scale: float = 1.0
+    out_div: float = 1.0
+
+    def leaves(self) -> list[Leaf]:
+        D, H, G, K, s = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.init_scale
+        out = [Leaf(("w_q_DHK",), (D, H, K), Normal(s / math.sqrt(D))),
+               Leaf(("w_k_DGK",), (D, G, K), Normal(s / math.sqrt(D))),
+               Leaf(("w_v_DGK",), (D, G, K), Normal(s / math.sqrt(D))),
+               Leaf(("w_o_HKD",), (H, K, D), Normal(s / self.out_div / math.sqrt(H * K)))]
+        if self.qk_norm:
+            out += [Leaf(("q_norm", "scale_K"), (K,), Const(1.0)),
+                    Leaf(("k_norm", "scale_K"), (K,), Const(1.0))]
+        return out
+
+    def prepare(self, ctx: Context) -> tuple[Array, Array]:
+        return nn.rope_sin_cos(ctx.positions_BT, self.head_dim, self.rope_theta)
+
+    def apply(self, p: dict[str, Any], h_BTD: Array, ctx: Context, *, prepared: Any = None,
+              state: Any = None, layer_input: Any = None) -> tuple[Array, dict, Any]:
+        dt = h_BTD.dtype
+        sin_BTk, cos_BTk = prepared
+        q_BTHK = jnp.einsum("btd,dhk->bthk", h_BTD, p["w_q_DHK"].astype(dt))
+        k_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, p["w_k_DGK"].astype(dt))
+        v_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, p["w_v_DGK"].astype(dt))
+        if "q_norm" in p:
+            q_BTHK = nn.rms_norm(q_BTHK, p["q_norm"]["scale_K"], self.norm_eps)
+            k_BTGK = nn.rms_norm(k_BTGK, p["k_norm"]["scale_K"], self.norm_eps)
+        q_BTHK = constrain(nn.apply_rope(q_BTHK, sin_BTk, cos_BTk), "BTHK")
+        k_BTGK = constrain(nn.apply_rope(k_BTGK, sin_BTk, cos_BTk), "BTGK")
+        v_BTGK = constrain(v_BTGK, "BTGK")
+        prefix = layer_input or {}
+        ctx_BTHK = attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT=ctx.segment_ids_BT,
+                             impl=self.impl, prefix_k_BSGK=prefix.get("prefix_k_BSGK"),
+                             prefix_v_BSGK=prefix.get("prefix_v_BSGK"))
+        ctx_BTHK = checkpoint_name(ctx_BTHK, "attn_context")
+        return jnp.einsum("bthk,hkd->btd", ctx_BTHK, p["w_o_HKD"].astype(dt)), {}, {}
+
+    def count(self) -> int:
+        D, H, G, K = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim
+        return D * H * K + 2 * D * G * K + H * K * D + (2 * K if self.qk_norm else 0)
+
+    def flops(self, seq_len: int, *, causal: bool = False) -> float:
+        """Q/K/V/O projections plus the two T×S matmuls (``4·S·H·K`` per token), counted in full
+        (every query against all ``seq_len`` keys) unless ``causal`` (the causal half)."""
+        D, H, G, K = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim
+        proj = 2 * (D * H * K + 2 * D * G * K + H * K * D)
+        return proj + 4 * seq_len * H * K * (0.5 if causal else 1.0)
