@@ -209,6 +209,12 @@ def activate(layout: Layout | None) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active_layout() -> Layout | None:
+    """The layout active while tracing (:func:`activate`), or ``None`` (the single-device path):
+    for model code that places a computation itself (an all-to-all under ``jax.shard_map``)."""
+    return _ACTIVE.get()
+
+
 def traced_under(layout: Layout | None, fn):
     """``fn`` that runs (and so is traced) with ``layout`` active; wrap before ``jax.jit``."""
     if layout is None:

@@ -86,3 +86,9 @@ GMM_F32 = dict(rtol=1e-5, atol=1e-5)
 #: bfloat16 inputs and outputs (float32 accumulation) vs ``ragged_dot`` on the same inputs: both
 #: round one float32 sum to bf16, so they may differ by one bf16 ulp (≤ 2^-7 of the value).
 GMM_BF16 = dict(rtol=8e-3, atol=8e-3)
+
+# --- expert parallelism (tests/test_moe_parallel.py) ----------------------------------------------
+# No constant of its own: the all-to-all dispatch is the one-device math with the batch-shard sums
+# in another order, so it uses SHARDED_VS_SINGLE_LOSS (losses) and F32_GRAD (gradients, metrics,
+# router bias). Measured on the micro MoE (8 experts, top-2), 10 steps on expert=4,data=2 and
+# expert=2,fsdp=4: ≤ 1.7e-7 relative per-step loss.

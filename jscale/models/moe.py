@@ -6,6 +6,11 @@ layers, every ``every``-th layer is MoE — layer ``i`` (0-based) is MoE iff
 ``i >= first_dense_layers`` and ``(i - first_dense_layers) % every == every - 1`` (``every=1``: all of
 them; ``every=2``: the second of each pair, as in Switch/GShard). See
 :func:`jscale.models.transformer.moe_layer_indices`.
+
+Expert parallelism is a mesh setting, not a field: with ``mesh.expert`` > 1 the routed experts are
+split over the ``expert`` axis (``n_experts`` must divide by it; :func:`jscale.mesh.check_mesh`
+says so naming ``model.moe.n_experts``) and the dropless dispatch exchanges tokens with all-to-alls
+(:func:`jscale.models.parts.moe.expert_parallel`).
 """
 
 from __future__ import annotations
