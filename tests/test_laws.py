@@ -560,3 +560,112 @@ def test_report_returns_the_fit_objects_and_reuses_approach2(tmp_path, monkeypat
         "fit_vs_observed.png", "isoflop.png", "frontier.png"}
     with pytest.raises(report.FitInputError, match="streams"):        # no default column
         report.analyze(df, tmp_path / "ps", law="parscale", bootstrap=0, echo=lambda _: None)
+
+
+# --- Clark et al. 2022: the routed-LM law on the released curves ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def clark_fits():
+    out = {}
+    for router in published.CLARK_ROUTERS:
+        d = published.clark_routing(router)
+        out[router] = (d, laws.fit(laws.ROUTED_LM, {"N": d["N"], "E": d["E"]}, d["loss"]))
+    return out
+
+
+def test_clark_data_protocol():
+    curves = published.clark_routing_curves()
+    assert len(curves) == 5799 and curves["hyper_id"].nunique() == 223
+    assert set(curves["router_type"]) == {"Dense", *published.CLARK_ROUTERS}
+    sizes = {}
+    for router in published.CLARK_ROUTERS:
+        d = published.clark_routing(router)
+        sizes[router] = len(d)
+        assert list(d.columns) == ["N", "E", "P", "loss", "router", "step", "hyper_id"]
+        assert set(d["router"]) == {"Dense", router}
+        assert (d.loc[d["router"] == "Dense", "E"] == 1).all() and (d["P"] >= d["N"]).all()
+        assert sorted(d["E"].unique()) == [2.0 ** i for i in range(10)]    # 1 … 512
+        assert d["step"].min() >= 248_000 and d["hyper_id"].is_unique
+    assert sizes == {"S-Base": 58, "RL-R": 59, "Hash": 56}
+    with pytest.raises(ValueError, match="router"):
+        published.clark_routing("Dense")
+    with pytest.raises(ValueError, match="loss"):
+        published.clark_routing("Hash", loss="step")
+
+
+def test_routed_lm_form_is_eq1():
+    p = dict(a=-0.08, b=-0.1, c=0.009, d=1.08)
+    N, E = np.array([1e7, 1e9]), np.array([1.0, 64.0])
+    lN, lE = np.log10(N), np.log10(E)
+    want = 10 ** (p["a"] * lN + p["b"] * lE + p["c"] * lN * lE + p["d"])
+    np.testing.assert_allclose(forms.routed_lm(p, N, E), want, rtol=1e-6)
+    theta = {k: jnp.asarray(v) for k, v in p.items()}
+    np.testing.assert_allclose(laws.ROUTED_LM.log_predict(theta, {"N": N, "E": E}), np.log(want),
+                               rtol=1e-6)
+    G, h = laws.ROUTED_LM.lse({"N": N, "E": E})                 # the closed-form (one-term) path
+    np.testing.assert_allclose(G[0] @ np.array([p[k] for k in "abcd"]) + h[0], np.log(want),
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("router", ["S-Base", "RL-R", "Hash"])
+def test_clark_least_squares_matches_lstsq(router):
+    d = published.clark_routing(router)
+    f = laws.fit(laws.ROUTED_LM, {"N": d["N"], "E": d["E"]}, d["loss"], delta=10.0)
+    lN, lE = np.log10(d["N"].to_numpy()), np.log10(d["E"].to_numpy())
+    X = np.stack([lN, lE, lN * lE, np.ones_like(lN)], axis=1)
+    want, *_ = np.linalg.lstsq(X, np.log10(d["loss"].to_numpy()), rcond=None)
+    np.testing.assert_allclose([f.params[k] for k in "abcd"], want, rtol=0,
+                               atol=tol.ROUTED_LM_LSTSQ_ATOL)
+
+
+def test_clark_fit_quality_and_signs(clark_fits):
+    """Per router: the law fits the final losses (R², RMSE of ln L), every start reaches the one
+    optimum, and the signs Clark et al. read off it: a < 0 (loss falls with N), b < 0 (routing
+    helps), c > 0 (its benefit shrinks as N grows) — and still helps at the largest N trained."""
+    for router, (d, f) in clark_fits.items():
+        assert f.converged and f.n_converged == f.n_starts, router
+        assert f.r2 >= tol.ROUTED_LM_R2_MIN, (router, f.r2)
+        log_rmse = float(np.sqrt(np.mean((np.log(d["loss"]) - np.log(f.predict(d["N"], d["E"])))
+                                         ** 2)))
+        assert log_rmse <= tol.ROUTED_LM_LOG_RMSE_MAX, (router, log_rmse)
+        assert f.a < 0 and f.b < 0 and f.c > 0, (router, f.params)
+        assert f.b + f.c * np.log10(d["N"].max()) < 0, (router, f.params)
+
+
+def test_clark_routers_ordering(clark_fits):
+    """Facts of these fits (measured, not the paper's table): the size at which routing stops
+    helping, ``log₁₀ N = −b/c``, is largest for S-Base and smallest for Hash, and at the largest
+    trained size with 64 experts the predicted losses rank S-Base < RL-R < Hash."""
+    f = {r: fr for r, (_, fr) in clark_fits.items()}
+    cutoff = {r: -x.b / x.c for r, x in f.items()}
+    assert cutoff["S-Base"] > cutoff["RL-R"] > cutoff["Hash"] > math.log10(1.3e9), cutoff
+    loss = {r: float(x.predict(1.3e9, 64.0)) for r, x in f.items()}
+    assert loss["S-Base"] < loss["RL-R"] < loss["Hash"], loss
+
+
+def test_clark_fit_convention_only_rescales_constants(clark_fits):
+    """Natural logs and N in units of s = 1e9 fit the same surface: mapped back, the constants are
+    Eq. 1's (``a`` and ``b`` keep their values under the change of base, ``c → c/ln 10``,
+    ``d → d·ln 10``; the unit shifts ``b`` by ``c·log₁₀ s`` and ``d`` by ``a·log₁₀ s``)."""
+    s = 1e9
+
+    def lse(x):
+        lN, lE = np.log(np.asarray(x["N"], float) / s), np.log(np.asarray(x["E"], float))
+        return np.stack([lN, lE, lN * lE, np.ones_like(lN)], axis=-1)[None], np.zeros((1, lN.size))
+
+    def log_predict(t, x):
+        lN, lE = jnp.log(x["N"] / s), jnp.log(x["E"])
+        return t["a"] * lN + t["b"] * lE + t["c"] * lN * lE + t["d"]
+
+    law = forms.Law(name="routed_ln", inputs=("N", "E"), params=("a", "b", "c", "d"),
+                    log_predict=log_predict, lse=lse, grid={"a": [0.0], "b": [0.0], "c": [0.0],
+                                                            "d": [1.0]})
+    d, f = clark_fits["S-Base"]
+    g = laws.fit(law, {"N": d["N"], "E": d["E"]}, d["loss"])
+    ln10, ls = math.log(10.0), math.log10(s)
+    c = g.c * ln10                                   # base-10 constants in units of s …
+    a, b, dd = g.a, g.b, g.d / ln10
+    back = dict(a=a, b=b - c * ls, c=c, d=dd - a * ls)  # … then N unnormalised
+    np.testing.assert_allclose([back[k] for k in "abcd"], [f.params[k] for k in "abcd"],
+                               **tol.ROUTED_LM_CONVENTION)

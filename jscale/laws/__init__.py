@@ -1,8 +1,9 @@
 """Scaling laws: forms, robust many-start fitting, compute-optimal allocation, uncertainty.
 
 * Forms (pure functions of parameters and inputs): :func:`chinchilla`, :func:`power_law`,
-  :func:`parscale`; fitted as :class:`Law` objects :data:`CHINCHILLA`, :data:`POWER_LAW`,
-  :data:`PARSCALE`, or any JAX function via :func:`fit`.
+  :func:`parscale`, :func:`routed_lm` (Clark et al. 2022); fitted as :class:`Law` objects
+  :data:`CHINCHILLA`, :data:`POWER_LAW`, :data:`PARSCALE`, :data:`ROUTED_LM`, or any JAX function
+  via :func:`fit`.
 * Fitting like Chinchilla's Approach 3: :func:`fit_chinchilla`, :func:`fit_parscale`,
   :func:`fit_power_law`, :func:`fit` — Huber loss on log residuals, every starting point of a grid
   optimised at once by a vectorised fixed-iteration damped Newton method.
@@ -39,11 +40,14 @@ from jscale.laws.forms import (
     PARSCALE,
     PARSCALE_GRID,
     POWER_LAW,
+    ROUTED_LM,
+    ROUTED_LM_GRID,
     Law,
     chinchilla,
     grid_points,
     parscale,
     power_law,
+    routed_lm,
     user_law,
 )
 from jscale.laws.isoflop import IsoFlopBootstrap, IsoFlopFit, bootstrap_isoflop, fit_isoflop
@@ -62,11 +66,12 @@ from jscale.laws.uncertainty import (
 
 __all__ = [
     "BOOTSTRAP_RESAMPLES", "CHINCHILLA", "CHINCHILLA_GRID", "FLOPS_PER_TOKEN", "HUBER_DELTA", "LAWS",
-    "PARSCALE", "PARSCALE_GRID", "POWER_LAW", "SIX_ND", "Bootstrap", "ChinchillaFit", "Extrapolation",
+    "PARSCALE", "PARSCALE_GRID", "POWER_LAW", "ROUTED_LM", "ROUTED_LM_GRID", "SIX_ND", "Bootstrap",
+    "ChinchillaFit", "Extrapolation",
     "FitResult", "IsoFlopBootstrap", "IsoFlopFit", "Law", "Stage", "allocation_samples", "bootstrap",
     "bootstrap_isoflop",
     "chinchilla", "closed_form_n_opt", "compute_optimal", "default_stages", "extrapolation_check",
     "fit", "fit_chinchilla", "fit_isoflop", "fit_parscale",
     "fit_power_law", "grid_points", "huber", "interpolated_flops_per_token", "parscale",
-    "percentile_interval", "power_law", "published", "user_law",
+    "percentile_interval", "power_law", "published", "routed_lm", "user_law",
 ]

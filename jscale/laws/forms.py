@@ -6,6 +6,8 @@ The plain forms take the *reported* parameters (``E``, ``A``, ``alpha`` …) and
 * :func:`chinchilla` ``L = E + A/N^α + B/D^β`` (Hoffmann et al. 2022)
 * :func:`power_law` ``L = E + A/x^α``
 * :func:`parscale` ``L = (A / (N·(k·ln P + 1)))^α + E`` (Chen et al. 2025, arXiv 2505.10475)
+* :func:`routed_lm` ``log₁₀ L = a·log₁₀ N + b·log₁₀ E + c·log₁₀ N·log₁₀ E + d`` (Clark et al. 2022,
+  "Unified Scaling Laws for Routed Language Models", arXiv 2202.01169, Eq. 1)
 
 A :class:`Law` is what the fitter optimises: ``log_predict(theta, inputs)`` returns log L in terms of
 the *fitted* parameters ``theta`` (for Chinchilla the log-sum-exp parametrisation
@@ -45,6 +47,22 @@ def parscale(params: Mapping[str, Array], N: Array, P: Array) -> Array:
     """ParScale's law ``L = (A / (N·(k·ln P + 1)))^α + E`` with ``params`` ``{E, A, alpha, k}``;
     N non-embedding parameters (including ParScale's prefix and aggregator parameters), P streams."""
     return (params["A"] / (N * (params["k"] * jnp.log(P) + 1.0))) ** params["alpha"] + params["E"]
+
+
+def routed_lm(params: Mapping[str, Array], N: Array, E: Array) -> Array:
+    """Clark et al. (2022)'s routed-LM law ``log₁₀ L = a·log₁₀ N + b·log₁₀ E + c·log₁₀ N·log₁₀ E + d``
+    with ``params`` ``{a, b, c, d}``; N the *dense* parameter count (parameters one token uses —
+    the source data's ``dense_parameter_count``, not the total with every expert), E experts per
+    routed layer (E = 1: the dense model).
+
+    Conventions (those of the authors' released notebook, google-deepmind/scaling_laws_for_routing
+    ``example.ipynb``): base-10 logs, N and E unnormalised. (That notebook also fits the paper's
+    saturating transform of E, ``Ê(E; E_start, E_max)``; this is the plain law with ``Ê = E``.)
+    The fitted surface does not depend on them, only the constants do: in natural
+    logs ``ln L = a·ln N + b·ln E + (c/ln 10)·ln N·ln E + d·ln 10`` (a, b unchanged); with N in units
+    of ``s`` (``N' = N/s``) ``b' = b + c·log₁₀ s`` and ``d' = d + a·log₁₀ s`` (a, c unchanged)."""
+    lN, lE = jnp.log10(N), jnp.log10(E)
+    return 10.0 ** (params["a"] * lN + params["b"] * lE + params["c"] * lN * lE + params["d"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -249,6 +267,33 @@ PARSCALE = Law(
     formula="L = (A / (N (k ln P + 1)))^alpha + E")
 
 
+#: Starting points for the routed-LM law. ``log L`` is linear in ``(a, b, c, d)``, so its Huber
+#: objective is convex and every start reaches the same optimum; a few starts only check that.
+ROUTED_LM_GRID = {"a": [-0.1, 0.0], "b": [-0.1, 0.0], "c": [0.0, 0.01], "d": [0.0, 1.0]}
+
+
+def _routed_log(theta, x):
+    lN, lE = jnp.log10(x["N"]), jnp.log10(x["E"])
+    return _LN10 * (theta["a"] * lN + theta["b"] * lE + theta["c"] * lN * lE + theta["d"])
+
+
+def _routed_lse(x):
+    lN = np.log10(np.asarray(x["N"], float))
+    lE = np.log10(np.asarray(x["E"], float))
+    G = _LN10 * np.stack([lN, lE, lN * lE, np.ones_like(lN)], axis=-1)[None]   # one linear term
+    return G, np.zeros((1, lN.shape[0]))
+
+
+_LN10 = math.log(10.0)
+
+#: Clark et al. (2022)'s routed-LM law, fitted in its reported parameters (base-10 logs, N and E
+#: unnormalised: see :func:`routed_lm`). The fitter's residuals are natural-log (``ln L − ln L̂``).
+ROUTED_LM = Law(
+    name="routed_lm", inputs=("N", "E"), params=("a", "b", "c", "d"), log_predict=_routed_log,
+    grid=ROUTED_LM_GRID, lse=_routed_lse,
+    formula="log10 L = a log10 N + b log10 E + c log10 N log10 E + d")
+
+
 def user_law(fn: Callable[..., Array], params: Sequence[str], inputs: Sequence[str], *,
              bounds: Mapping[str, tuple[float, float]] | None = None,
              grid: Mapping[str, Sequence[float]] | None = None, name: str | None = None) -> Law:
@@ -263,4 +308,5 @@ def user_law(fn: Callable[..., Array], params: Sequence[str], inputs: Sequence[s
                log_predict=log_predict, bounds=dict(bounds or {}), grid=grid)
 
 
-LAWS = {"chinchilla": CHINCHILLA, "power_law": POWER_LAW, "parscale": PARSCALE}
+LAWS = {"chinchilla": CHINCHILLA, "power_law": POWER_LAW, "parscale": PARSCALE,
+        "routed_lm": ROUTED_LM}
