@@ -135,3 +135,91 @@ def test_isoflop_analyze_fits_each_law_once(isoflop, tmp_path, monkeypatch, caps
     assert "== Next budget up, C = 3.33e+16" in out and "Approach 2 not possible" not in out
     summary = (tmp_path / "summary.json").read_text()
     assert '"approach2": {' in summary and '"next_budget"' in summary
+
+
+@pytest.fixture(scope="module")
+def moe_leverage():
+    return load_script(EXPERIMENTS / "moe_leverage.py")
+
+
+def test_moe_leverage_grids_have_dense_and_moe_members(moe_leverage):
+    gpu_set = {"data.path": "corpus.jsonl", "data.tokenizer": "bpe", "model.vocab_size": "32768"}
+    with pytest.raises(jscale.ConfigError, match="data.path"):
+        moe_leverage.grid("gpu")
+    with pytest.raises(jscale.ConfigError, match="model.moe.impl"):  # would make dense runs MoE
+        moe_leverage.grid("cpu", {"model.moe.impl": "pallas"})
+    for preset, overrides in (("cpu", None), ("gpu", gpu_set)):
+        p = moe_leverage.PRESETS[preset]
+        runs = moe_leverage.grid(preset, overrides)
+        assert runs and not any(isinstance(r, sweep.InvalidRun) for r in runs)
+        assert len({sweep.run_id(r) for r in runs}) == len(runs)
+        configs = {None if r.model.moe is None else
+                   (r.model.moe.n_experts, r.model.moe.top_k,
+                    2 * r.model.d_model / r.model.moe.d_expert) for r in runs}
+        assert configs == {None, *((e, k, float(g)) for e, k, g in p["moe"])}
+        for r in runs:
+            assert {r.train.flops_budget} <= set(p["budgets"])
+            fpt = jscale.flops_per_token(r.model, r.train.seq_len)["training"]
+            spent = fpt * r.train.steps * r.train.batch_size * r.train.seq_len
+            assert spent == pytest.approx(r.train.flops_budget, rel=0.05)  # sweep.grid.ISOFLOP_RTOL
+            n = moe_leverage.active_with_head(r.model)
+            assert r.optim.lr == pytest.approx(moe_leverage.lr_for(n, p))
+            if r.model.moe is not None:
+                assert r.model.moe.n_shared_experts == 0 and r.model.moe.every == 1
+                assert n < jscale.count_params(r.model)["with_head"] or r.model.moe.top_k == \
+                    r.model.moe.n_experts
+        # every configuration's sizes bracket each budget's N* in active parameters
+        for cfg in configs:
+            for budget in p["budgets"]:
+                n = [moe_leverage.active_with_head(r.model) for r in runs
+                     if r.train.flops_budget == budget and
+                     (r.model.moe is None if cfg is None else
+                      r.model.moe is not None and r.model.moe.n_experts == cfg[0] and
+                      r.model.moe.top_k == cfg[1] and
+                      2 * r.model.d_model / r.model.moe.d_expert == cfg[2])]
+                n_star = math.sqrt(budget / (6 * p["tokens_per_param"]))
+                assert len(n) >= 3 and min(n) < n_star < max(n)
+
+
+def _moe_table(el=None, alpha=0.1, budgets=(1e15, 3e15, 1e16, 3e16), n_sizes=3, seed=0):
+    """Sweep-shaped rows: per configuration and budget, ``n_sizes`` runs whose best loss lies on
+    ``L = 5 · (EL · C / 1e15)^−α`` (the MoE at C matches the dense model at EL·C)."""
+    import pandas as pd
+    el = el or {None: 1.0, (8, 1, 64): 2.0, (8, 2, 128): 4.0}
+    rng = np.random.default_rng(seed)
+    rows = []
+    for cfg, lev in el.items():
+        for C in budgets:
+            best = 5.0 * (lev * C / 1e15) ** -alpha
+            for i in range(n_sizes):
+                loss = best * (1 + 0.02 * i) * math.exp(rng.normal(0, 0.002))
+                row = {"run_id": f"{cfg}-{C:.3g}-{i}", "status": "ok", "error": None,
+                       "final_eval_loss": loss, "diverged": False, "budget": C,
+                       "flops": C * (1 + 0.002 * rng.normal()), "n_params": 3e6 + i,
+                       "n_params_with_head": 2e6 + i, "n_params_active": 1e6 + i,
+                       "model.d_model": 64, "model.moe.n_experts": None,
+                       "model.moe.top_k": None, "model.moe.d_expert": None}
+                if cfg is not None:
+                    row.update({"model.moe.n_experts": cfg[0], "model.moe.top_k": cfg[1],
+                                "model.moe.d_expert": cfg[2]})
+                rows.append(row)
+    rows.append({"run_id": "failed", "status": "failed", "error": "config: impossible"})
+    return pd.DataFrame(rows)
+
+
+def test_moe_leverage_analyze_recovers_known_leverage(moe_leverage, tmp_path, capsys):
+    from tolerances import MOE_LEVERAGE_RTOL
+    summary = moe_leverage.analyze(_moe_table(), tmp_path, n_boot=20)
+    out = capsys.readouterr().out
+    assert "ACTIVE parameters" in out and "EL" in out
+    by = {c["label"]: c for c in summary["configs"]}
+    assert by["dense"]["alpha"] == pytest.approx(0.1, rel=0.1)
+    moe1, moe2 = by["MoE E=8 k=1 G=2 (A=1/8)"], by["MoE E=8 k=2 G=1 (A=2/8)"]
+    assert moe1["EL"] == pytest.approx(2.0, rel=MOE_LEVERAGE_RTOL)
+    assert moe2["EL"] == pytest.approx(4.0, rel=MOE_LEVERAGE_RTOL)
+    for c in (moe1, moe2):
+        lo, hi = c["EL_interval"]
+        assert lo <= c["EL"] <= hi and c["EL_points"] == pytest.approx(c["EL"], rel=0.1)
+    for name in ("loss_vs_compute.png", "el_vs_activation_ratio.png", "summary.txt",
+                 "summary.json"):
+        assert (tmp_path / name).stat().st_size > 0
