@@ -7,6 +7,8 @@ isolation, scan ≡ loop, counts ≡ tree, FLOPs vs XLA, init hash) run on the `
 tests/families.py."""
 
 import dataclasses
+import functools
+import importlib
 import json
 import math
 import signal
@@ -570,3 +572,35 @@ def test_capacity_mode_flops_vs_xla():
         m.n_experts * C / (n_tok * m.top_k) - 1)
     np.testing.assert_allclose(forward_flops(cfg, batch, seq), want * batch * seq,
                                rtol=FLOPS_VS_XLA_RTOL)
+
+
+@pytest.mark.parametrize("preset", ["moe-tiny", "moe-small"])
+@pytest.mark.parametrize("platform, variant", [("cuda", "gpu"), ("tpu", "tpu")])
+def test_preset_train_loss_and_grad_with_pallas_dispatch_lower_for_hardware(preset, platform,
+                                                                          variant, monkeypatch):
+    """The MoE presets' training loss and gradient with ``model.moe.impl="pallas"`` export for CUDA
+    (Triton) and TPU (Mosaic) at the preset's batch, length and dtype: every MoE layer's three
+    grouped matmuls run the kernel forward, and its backward adds d-lhs and d-rhs kernels.
+
+    The model's own call, except that the kernel is built for ``variant`` instead of this CPU host's
+    interpret mode. Triton IR is not among jax.export's stable custom-call targets, so the CUDA
+    export names it as an accepted exception (as tests/test_grouped_matmul.py does)."""
+    from jscale.core import loss_fn
+    from pallas_kernels.grouped_matmul import grouped_matmul as kernel
+
+    cfg = jscale.presets.get(preset).override({"model.moe.impl": "pallas"})
+    model = cfg.model
+    # The package, not `pallas_kernels.grouped_matmul` the attribute (the re-exported function).
+    package = importlib.import_module("pallas_kernels.grouped_matmul")
+    monkeypatch.setattr(package, "grouped_matmul", functools.partial(
+        kernel, interpret=False, platform=variant))
+    params = jax.eval_shape(lambda: jscale.init(jax.random.PRNGKey(0), model))
+    shape = (cfg.train.batch_size, cfg.train.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("inputs", "targets", "segment_ids")}
+    loss_and_grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, model)[0]))
+    target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
+    checks = [jax.export.DisabledSafetyCheck.custom_call(target)] if platform == "cuda" else []
+    exported = jax.export.export(loss_and_grad, platforms=[platform],
+                                 disabled_checks=checks)(params, batch)
+    # In the layer scan: 3 forward grouped matmuls, and per projection a d-lhs and a d-rhs kernel.
+    assert exported.mlir_module().count(f"custom_call @{target}") >= 9
