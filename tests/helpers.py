@@ -91,3 +91,21 @@ def patch_stateful_forward(monkeypatch) -> None:
         aux = {**aux, STATE_METRIC: count.astype(jnp.float32), "logit_mean": logits.mean()}
         return logits, aux, {**state, STATE_LEAF: count + 1}
     monkeypatch.setattr(models, "forward", stateful)
+
+
+#: A `jscale train` whose every step sleeps 0.1 s, so that a kill lands mid-training even on a
+#: fast machine (run as `python -c SLOW_STEPS ARGS...`).
+SLOW_STEPS = """
+import sys, time
+import jscale.train as t
+make = t.make_train_step
+def slow_make(*args):
+    step = make(*args)
+    def slow_step(state, batch):
+        time.sleep(0.1)  # so the kill below surely lands mid-training, even on a fast machine
+        return step(state, batch)
+    return slow_step
+t.make_train_step = slow_make
+from jscale.cli import main
+sys.exit(main(sys.argv[1:]))
+"""

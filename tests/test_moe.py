@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from families import MOE_AUX, MOE_MICRO, TRANSFORMER_MICRO, tree_allclose
-from helpers import env, finish, metrics_rows, micro_cfg, train_args
+from helpers import SLOW_STEPS, env, finish, metrics_rows, micro_cfg, train_args
 from tolerances import F32_GRAD, F32_REORDER, SWEEP_VMAP_VS_SEQUENTIAL
 
 import jscale
@@ -466,20 +466,6 @@ def test_moe_tiny_trains_from_the_cli_and_logs_router_metrics(moe_run):
     assert bias.shape == (2, 4) and np.any(bias != 0)  # the router bias was trained and saved
 
 
-SLOW_STEPS = """
-import sys, time
-import jscale.train as t
-make = t.make_train_step
-def slow_make(*args):
-    step = make(*args)
-    def slow_step(state, batch):
-        time.sleep(0.1)
-        return step(state, batch)
-    return slow_step
-t.make_train_step = slow_make
-from jscale.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
+    SLOW_STEPS,
     STATE_LEAF,
     STATE_METRIC,
     cli_popen,
@@ -85,20 +86,6 @@ def test_cli_run_writes_outputs(reference_run):
     assert sorted(os.listdir(reference_run / "checkpoints")) == ["16", "24"]  # keep_checkpoints=2
 
 
-SLOW_STEPS = """
-import sys, time
-import jscale.train as t
-make = t.make_train_step
-def slow_make(*args):
-    step = make(*args)
-    def slow_step(state, batch):
-        time.sleep(0.1)  # so the kill below surely lands mid-training, even on a fast machine
-        return step(state, batch)
-    return slow_step
-t.make_train_step = slow_make
-from jscale.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from jscale import registry
+from jscale.laws.allocation import interpolated_flops_per_token
 from jscale.models import mamba, sizing, transformer
 from jscale.models.mamba import MambaConfig
 from jscale.models.protocol import Family
@@ -121,4 +122,4 @@ def family_flops_per_token(base_model: Any, seq_len: int, *, n_min: float = 1e4,
     extrapolated with the end segments' slopes)."""
     table = sizing.flops_table(family_of(base_model), base_model, seq_len, float(n_min),
                                float(n_max), int(points))
-    return sizing.interpolate_loglog(*table)
+    return interpolated_flops_per_token(*table)

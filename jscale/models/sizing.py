@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,27 +67,6 @@ def shape_for_params(family: Any, n_params: float, base_model: Any, *, aspect_ra
     floor = min(e for e, _, _ in per_depth)
     near = [p for p in per_depth if p[0] <= floor + math.log1p(count_rtol)]
     return min(near, key=lambda p: p[1])[2]
-
-
-def interpolate_loglog(x: Sequence[float], y: Sequence[float]) -> Callable[[Any], np.ndarray]:
-    """``y(x)`` interpolated log-log through the pairs and extrapolated with the end segments'
-    slopes (needs ≥ 2 distinct ``x``)."""
-    X, Y = np.asarray(x, float), np.asarray(y, float)
-    if X.shape != Y.shape or X.size < 2:
-        raise ValueError("need ≥ 2 pairs of the same length")
-    logX, idx = np.unique(np.log(X), return_index=True)
-    logY = np.log(Y)[idx]
-    if logX.size < 2:
-        raise ValueError("need at least 2 distinct x values")
-
-    def fn(q):
-        u = np.log(np.asarray(q, float))
-        v = np.interp(u, logX, logY)
-        lo = logY[0] + (u - logX[0]) * (logY[1] - logY[0]) / (logX[1] - logX[0])
-        hi = logY[-1] + (u - logX[-1]) * (logY[-1] - logY[-2]) / (logX[-1] - logX[-2])
-        return np.exp(np.where(u < logX[0], lo, np.where(u > logX[-1], hi, v)))
-
-    return fn
 
 
 @functools.lru_cache(maxsize=16)
