@@ -11,6 +11,7 @@ from collections.abc import Callable
 from jscale.config import OptimConfig, RunConfig, TrainConfig
 from jscale.models import MambaConfig, TransformerConfig
 from jscale.models.moe import MoEConfig
+from jscale.models.parscale import ParScaleConfig
 
 _PRESETS: dict[str, Callable[[], RunConfig]] = {}
 
@@ -72,6 +73,7 @@ def mamba_small() -> RunConfig:
                           eval_batches=8, checkpoint_every=200),
     )
 
+
 @preset
 def moe_tiny() -> RunConfig:
     """``tiny`` with an MoE FFN in both layers: 8 experts of width 128, top-2, one shared expert
@@ -108,6 +110,22 @@ def moe_small() -> RunConfig:
         optim=OptimConfig(lr=2e-3, warmup_steps=50),
         train=TrainConfig(steps=1000, batch_size=16, seq_len=256, log_every=20, eval_every=200,
                           eval_batches=8, checkpoint_every=200),
+    )
+
+
+@preset
+def parscale_tiny() -> RunConfig:
+    """``tiny`` run as 4 ParScale streams (16 prefix tokens per stream and layer, ε 0.01).
+
+    ~0.43 M backbone parameters, +16 K prefix and +67 K aggregator parameters; each step runs the
+    stack on 4× the rows.
+    """
+    return RunConfig(
+        model=ParScaleConfig(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384,
+                             max_seq_len=512, n_streams=4, n_prefix_tokens=16),
+        optim=OptimConfig(lr=3e-3, warmup_steps=10),
+        train=TrainConfig(steps=100, batch_size=16, seq_len=128, log_every=10, eval_every=50,
+                          eval_batches=4, checkpoint_every=50),
     )
 
 

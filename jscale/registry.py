@@ -18,7 +18,8 @@ from typing import Any
 from jscale.configpath import ConfigError
 
 #: Built-in family name -> the module whose import registers it.
-BUILTIN = {"transformer": "jscale.models.transformer", "mamba": "jscale.models.mamba"}
+BUILTIN = {"transformer": "jscale.models.transformer", "mamba": "jscale.models.mamba",
+           "parscale": "jscale.models.parscale"}
 
 _BY_NAME: dict[str, Any] = {}
 _BY_CONFIG: dict[type, Any] = {}

@@ -19,6 +19,7 @@ from jscale import presets
 from jscale.models import mamba
 from jscale.models.mamba import MambaConfig
 from jscale.models.moe import MoEConfig
+from jscale.models.parscale import ParScaleConfig
 from jscale.models.transformer import TransformerConfig, moe_layer_indices
 from pallas_kernels.selective_scan import selective_scan_ref
 
@@ -33,6 +34,10 @@ MOE_MICRO = dataclasses.replace(TRANSFORMER_MICRO, moe=MoEConfig(
     n_experts=4, top_k=2, d_expert=16, n_shared_experts=1, load_balance_coeff=0.01,
     z_loss_coeff=1e-3, bias_update_rate=0.01))
 MOE_AUX = frozenset({"load_balance_loss", "router_z_loss", "max_vio"})
+#: The ParScale micro: 3 streams, 4 prefix tokens per stream and layer, over TRANSFORMER_MICRO.
+PARSCALE_MICRO = ParScaleConfig(**{f.name: getattr(TRANSFORMER_MICRO, f.name)
+                                   for f in dataclasses.fields(TransformerConfig)},
+                                n_streams=3, n_prefix_tokens=4)
 MAMBA_MICRO = MambaConfig(vocab_size=61, d_model=16, n_layers=2, d_state=4, scan_impl="xla",
                           scan_chunk=8)
 
@@ -132,7 +137,8 @@ FAMILIES = [
         variants=(dataclasses.replace(TRANSFORMER_MICRO, qk_norm=True),
                   dataclasses.replace(TRANSFORMER_MICRO, tie_embeddings=False),
                   dataclasses.replace(TRANSFORMER_MICRO, head_dim=16),
-                  dataclasses.replace(TRANSFORMER_MICRO, n_kv_heads=1)),
+                  dataclasses.replace(TRANSFORMER_MICRO, n_kv_heads=1),
+                  dataclasses.replace(TRANSFORMER_MICRO, qkv_bias=True)),
         seq_len=12,
         flops_cfgs=(dataclasses.replace(TRANSFORMER_MICRO, d_model=128, n_heads=4, d_ff=384,
                                         vocab_size=257),
@@ -167,6 +173,27 @@ FAMILIES = [
               "(E × the active experts, _moe_uncounted).",
         matches=lambda cfg: cfg.moe is not None, aux_keys=MOE_AUX, stateful=True,
         inactive=_moe_inactive),
+    Row(name="parscale", micro=PARSCALE_MICRO,
+        variants=(dataclasses.replace(PARSCALE_MICRO, n_streams=1),
+                  dataclasses.replace(PARSCALE_MICRO, n_streams=2, tie_embeddings=False,
+                                      qkv_bias=True, n_prefix_tokens=1, smoothing=0.0),
+                  dataclasses.replace(PARSCALE_MICRO, head_dim=16, n_kv_heads=1),
+                  dataclasses.replace(PARSCALE_MICRO, n_layers=3, moe=MoEConfig(
+                      n_experts=4, top_k=2, d_expert=16, first_dense_layers=1, every=2))),
+        seq_len=12,
+        flops_cfgs=(dataclasses.replace(PARSCALE_MICRO, d_model=128, n_heads=2, n_kv_heads=1,
+                                        d_ff=384, vocab_size=257, n_prefix_tokens=16),
+                    dataclasses.replace(PARSCALE_MICRO, d_model=128, n_heads=2, n_kv_heads=2,
+                                        d_ff=256, vocab_size=257, n_streams=2, qkv_bias=True)),
+        flops_overrides={}, flops_setup=None, flops_uncounted=lambda cfg: 0.0,
+        init_sha256="e0f4cbb1d13f07630d716d4d233549f411e5090370691f8c37ee810aac5a9b46",
+        describe="d_model=32 n_layers=2 n_heads=4 n_kv_heads=2 d_ff=64 n_streams=3 "
+                 "n_prefix_tokens=4",
+        notes="P streams of the transformer micro; the attention softmax over prefix + causal "
+              "keys and the aggregation (elementwise, ~11 XLA FLOPs per score, uncounted) are "
+              "inside FLOPS_VS_XLA_RTOL with head dim 64 (5.3 % at head dim 32).",
+        aux_keys=frozenset({"stream_weight_max"}),
+        inactive=lambda tree, cfg: 0 if cfg.moe is None else _moe_inactive(tree, cfg)),
     Row(name="mamba", micro=MAMBA_MICRO,
         variants=(dataclasses.replace(MAMBA_MICRO, bias=True, conv_bias=False),
                   dataclasses.replace(MAMBA_MICRO, tie_embeddings=False, dt_rank=3, expand=3,

@@ -205,8 +205,6 @@ def test_prefix_kv_is_seen_by_every_query_across_segments():
                                        prefix_v_BSGK=a[4]))(q, k, v, pk, pv, seg)
     np.testing.assert_allclose(out, _naive_prefixed(*map(np.asarray, (q, k, v, pk, pv, seg))),
                                **F32_REORDER)
-    with pytest.raises(NotImplementedError, match="prefix"):
-        attention(q, k, v, segment_ids_BT=None, impl="pallas", prefix_k_BSGK=pk, prefix_v_BSGK=pv)
 
 
 def test_prefix_kv_through_the_transformer_gets_no_rope_and_keeps_causality():

@@ -361,6 +361,9 @@ class LMFamily:
     def init_scale(self, cfg: Any) -> float:
         return self.spec(cfg).init_scale
 
+    def param_groups(self, cfg: Any) -> dict[str, tuple[str, ...] | None]:
+        return {"all": None}
+
     def shape_step(self, base_model: Any, *, head_dim: int | None,
                    ffn_ratio: float | None) -> tuple[int, Any]:
         raise NotImplementedError

@@ -91,3 +91,8 @@ class Family(Protocol):
 
     def init_scale(self, cfg: Any) -> float:
         """The init scale ``cfg`` asks for (what :meth:`scale_init` multiplies by)."""
+
+    def param_groups(self, cfg: Any) -> dict[str, tuple[str, ...] | None]:
+        """The parameter groups ``train.trainable`` may name: group → the top-level parameter keys
+        it trains (``None``: all of them). Every family has ``"all"``; a family adds its own (e.g.
+        ParScale's ``"parscale"``: the prefixes and the aggregator)."""

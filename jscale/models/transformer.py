@@ -54,6 +54,7 @@ class TransformerConfig:
       rope_theta: RoPE base frequency.
       norm_eps: RMSNorm epsilon.
       qk_norm: RMS-normalize queries and keys per head before RoPE (learned scale per head dim).
+      qkv_bias: learned biases on the query/key/value projections (Qwen2; Llama has none).
       tie_embeddings: use the embedding table as the LM head.
       init_scale: multiplies every initialization standard deviation.
       dtype: compute dtype of activations and matmuls ("float32", "bfloat16", "float16").
@@ -77,6 +78,7 @@ class TransformerConfig:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
     qk_norm: bool = False
+    qkv_bias: bool = False
     tie_embeddings: bool = True
     init_scale: float = 1.0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -152,8 +154,8 @@ def spec(cfg: TransformerConfig) -> lm.LMSpec:
     out_div = math.sqrt(2 * cfg.n_layers)
     attn = Attention(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                      head_dim=cfg.k, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
-                     qk_norm=cfg.qk_norm, impl=cfg.attention_impl, init_scale=cfg.init_scale,
-                     out_div=out_div)
+                     qk_norm=cfg.qk_norm, impl=cfg.attention_impl, qkv_bias=cfg.qkv_bias,
+                     init_scale=cfg.init_scale, out_div=out_div)
     mlp = SwiGLU(d_model=cfg.d_model, d_ff=cfg.d_ff, init_scale=cfg.init_scale, out_div=out_div)
     dense = (lm.Sublayer("attn", "attn_norm", attn), lm.Sublayer("mlp", "mlp_norm", mlp))
     common = dict(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,

@@ -1,13 +1,16 @@
 """Grouped-query attention with RoPE and optional qk-norm, as a block part.
 
-Leaves (one layer): ``w_q_DHK``, ``w_k_DGK``, ``w_v_DGK``, ``w_o_HKD`` and, with qk-norm,
+Leaves (one layer): ``w_q_DHK``, ``w_k_DGK``, ``w_v_DGK``, ``w_o_HKD``; with ``qkv_bias`` (Qwen2) the
+projection biases ``b_q_HK``, ``b_k_GK``, ``b_v_GK`` (zero-initialised); with qk-norm
 ``q_norm.scale_K`` / ``k_norm.scale_K``. Causal self-attention over the block's tokens; with
 ``segment_ids_BT`` a token attends only to its own packed document.
 
-A **prefix KV** may arrive as this layer's ``layer_input`` (``{"prefix_k_BSGK", "prefix_v_BSGK"}``,
-extra keys/values ``[B, S_prefix, G, K]``): they are prepended to the keys and values, get no RoPE,
-and every query sees them regardless of causality and segment ids (ParScale's per-stream prefixes).
-Only the XLA path takes a prefix.
+A **prefix KV** may arrive as this layer's ``layer_input``: extra keys/values prepended to the real
+ones, with no RoPE, that every query sees regardless of causality and segment ids (ParScale's
+per-stream prefixes, :mod:`jscale.models.parscale`). Either per row, ``{"prefix_k_BSGK",
+"prefix_v_BSGK"}`` (``[B, S_prefix, G, K]``), or per stream, ``{"prefix_k_PGSK", "prefix_v_PGSK"}``
+(``[P, G, S_prefix, K]``, the official layout), for a batch whose rows are ``P`` streams,
+stream-major (row ``p·(B/P) + b`` is stream ``p``). Both attention paths take a prefix.
 """
 
 from __future__ import annotations
@@ -39,17 +42,16 @@ def attention(q_BTHK: Array, k_BSGK: Array, v_BSGK: Array, *, segment_ids_BT: Ar
     """
     prefixed = prefix_k_BSGK is not None
     if impl == "pallas":
-        if prefixed:
-            raise NotImplementedError("attention_impl='pallas' takes no prefix keys/values; use "
-                                      "attention_impl='xla'")
         from pallas_kernels.flash_attention import flash_attention
 
-        def kernel(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT):
+        def kernel(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, *prefix_BSGK):
+            kw = dict(zip(("prefix_k", "prefix_v"), prefix_BSGK))
             return flash_attention(q_BTHK, k_BSGK, v_BSGK, causal=True,
-                                   segment_ids=segment_ids_BT, impl="pallas")
+                                   segment_ids=segment_ids_BT, impl="pallas", **kw)
         # On a mesh the kernel runs on each device's batch rows and heads (kv heads split alike).
-        return per_shard(kernel, ("BTHK", "BSGK", "BSGK", "BT"), "BTHK")(
-            q_BTHK, k_BSGK, v_BSGK, segment_ids_BT)
+        prefix = (prefix_k_BSGK, prefix_v_BSGK) if prefixed else ()
+        return per_shard(kernel, ("BTHK", "BSGK", "BSGK", "BT") + ("BSGK",) * len(prefix),
+                         "BTHK")(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, *prefix)
     if impl != "xla":
         raise ValueError(f"attention impl {impl!r} is not available")
     if not prefixed:
@@ -67,6 +69,23 @@ def attention(q_BTHK: Array, k_BSGK: Array, v_BSGK: Array, *, segment_ids_BT: Ar
     return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask, implementation="xla")
 
 
+def prefix_rows(prefix: dict[str, Array], n_rows: int) -> tuple[Array | None, Array | None]:
+    """A layer input's prefix keys/values as rows ``[B, S, G, K]`` (``(None, None)`` without one):
+    per-row prefixes as they are; per-stream ``[P, G, S, K]`` ones repeated over each stream's
+    ``n_rows / P`` rows (stream-major)."""
+    if "prefix_k_PGSK" in prefix:
+        k_PGSK, v_PGSK = prefix["prefix_k_PGSK"], prefix["prefix_v_PGSK"]
+        P = k_PGSK.shape[0]
+        if n_rows % P:
+            raise ValueError(f"{n_rows} batch rows are not {P} streams of equal size")
+
+        def rows(x_PGSK):
+            x_PSGK = x_PGSK.transpose(0, 2, 1, 3)
+            return constrain(jnp.repeat(x_PSGK, n_rows // P, axis=0), "BSGK")
+        return rows(k_PGSK), rows(v_PGSK)
+    return prefix.get("prefix_k_BSGK"), prefix.get("prefix_v_BSGK")
+
+
 @dataclasses.dataclass(frozen=True)
 class Attention(Part):
     """GQA + RoPE (+ qk-norm) part. ``out_div`` further divides the output projection's init std
@@ -80,6 +99,7 @@ class Attention(Part):
     norm_eps: float
     qk_norm: bool
     impl: str
+    qkv_bias: bool = False
     init_scale: float = 1.0
     out_div: float = 1.0
 
@@ -89,6 +109,9 @@ class Attention(Part):
                Leaf(("w_k_DGK",), (D, G, K), Normal(s / math.sqrt(D))),
                Leaf(("w_v_DGK",), (D, G, K), Normal(s / math.sqrt(D))),
                Leaf(("w_o_HKD",), (H, K, D), Normal(s / self.out_div / math.sqrt(H * K)))]
+        if self.qkv_bias:
+            out += [Leaf(("b_q_HK",), (H, K), Const(0.0)), Leaf(("b_k_GK",), (G, K), Const(0.0)),
+                    Leaf(("b_v_GK",), (G, K), Const(0.0))]
         if self.qk_norm:
             out += [Leaf(("q_norm", "scale_K"), (K,), Const(1.0)),
                     Leaf(("k_norm", "scale_K"), (K,), Const(1.0))]
@@ -104,22 +127,27 @@ class Attention(Part):
         q_BTHK = jnp.einsum("btd,dhk->bthk", h_BTD, p["w_q_DHK"].astype(dt))
         k_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, p["w_k_DGK"].astype(dt))
         v_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, p["w_v_DGK"].astype(dt))
+        if self.qkv_bias:
+            q_BTHK = q_BTHK + p["b_q_HK"].astype(dt)
+            k_BTGK = k_BTGK + p["b_k_GK"].astype(dt)
+            v_BTGK = v_BTGK + p["b_v_GK"].astype(dt)
         if "q_norm" in p:
             q_BTHK = nn.rms_norm(q_BTHK, p["q_norm"]["scale_K"], self.norm_eps)
             k_BTGK = nn.rms_norm(k_BTGK, p["k_norm"]["scale_K"], self.norm_eps)
         q_BTHK = constrain(nn.apply_rope(q_BTHK, sin_BTk, cos_BTk), "BTHK")
         k_BTGK = constrain(nn.apply_rope(k_BTGK, sin_BTk, cos_BTk), "BTGK")
         v_BTGK = constrain(v_BTGK, "BTGK")
-        prefix = layer_input or {}
+        prefix_k_BSGK, prefix_v_BSGK = prefix_rows(layer_input or {}, h_BTD.shape[0])
         ctx_BTHK = attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT=ctx.segment_ids_BT,
-                             impl=self.impl, prefix_k_BSGK=prefix.get("prefix_k_BSGK"),
-                             prefix_v_BSGK=prefix.get("prefix_v_BSGK"))
+                             impl=self.impl, prefix_k_BSGK=prefix_k_BSGK,
+                             prefix_v_BSGK=prefix_v_BSGK)
         ctx_BTHK = checkpoint_name(ctx_BTHK, "attn_context")
         return jnp.einsum("bthk,hkd->btd", ctx_BTHK, p["w_o_HKD"].astype(dt)), {}, {}
 
     def count(self) -> int:
         D, H, G, K = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim
-        return D * H * K + 2 * D * G * K + H * K * D + (2 * K if self.qk_norm else 0)
+        return (D * H * K + 2 * D * G * K + H * K * D + (2 * K if self.qk_norm else 0)
+                + ((H + 2 * G) * K if self.qkv_bias else 0))
 
     def flops(self, seq_len: int, *, causal: bool = False) -> float:
         """Q/K/V/O projections plus the two T×S matmuls (``4·S·H·K`` per token), counted in full
