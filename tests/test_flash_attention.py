@@ -1,6 +1,7 @@
 """Flash-attention kernel ≡ reference ≡ ``jax.nn.dot_product_attention`` (values and all three
-gradients); the kernels lower for CUDA and TPU; a short training run is unchanged by
-``model.attention_impl="pallas"``.
+gradients); with prefix keys/values (ParScale), reference ≡ a dense numpy computation and kernel ≡
+reference (values and all five gradients); the kernels lower for CUDA and TPU; a short training run
+is unchanged by ``model.attention_impl="pallas"``.
 
 On CPU both kernel variants run in Pallas's interpreter; the same class runs compiled on a GPU
 (``-m gpu``) or TPU when one is present.
@@ -21,6 +22,7 @@ from jscale.train import train
 from pallas_kernels import flash_attention
 from pallas_kernels.flash_attention import attention_reference
 from pallas_kernels.flash_attention import kernel as attention_kernel
+from pallas_kernels.flash_attention import ops as attention_ops
 from pallas_kernels.flash_attention.ops import DEFAULT_BLOCKS, make_spec
 
 # Tiny shapes, several tiles each, lengths that are not multiples of the tile, GQA ratios 1, 2, 4.
@@ -38,6 +40,19 @@ CASES = {
     "causal-short-q-gqa2-f32": (1, 40, 136, 4, 2, 32, True, None, "float32", 16, 16, None),
     "causal-long-q-mha-pair-segments-f32": (1, 72, 40, 2, 2, 32, True, "pair", "float32", 16, 16,
                                             None),
+}
+
+# With prefix keys/values: (B, T, S, H, G, K, S_p, causal, segments, dtype, (fwd, bwd) tiles). The
+# forward and backward key tiles differ, so the prefix (padded to a multiple of both) ends with a
+# block of padding only in one of them, which that kernel must skip; S_p is never a multiple of the
+# larger key tile. "pair": queries of segment 0 see no real key — the prefix is all they see.
+PREFIX_CASES = {
+    "prefix5-causal-gqa2-ragged-f32": (1, 40, 40, 4, 2, 32, 5, True, None, "float32",
+                                       ((16, 16), (16, 32))),
+    "prefix48-causal-gqa2-segments-ragged-f32": (2, 50, 50, 4, 2, 32, 48, True, "self", "float32",
+                                                 ((16, 32), (16, 16))),
+    "prefix20-causal-short-q-gqa2-pair-segments-bf16": (1, 40, 56, 4, 2, 32, 20, True, "pair",
+                                                        "bfloat16", ((16, 16), (16, 32))),
 }
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -132,6 +147,95 @@ def _tol(name):
     return FLASH_BF16 if CASES[name][8] == "bfloat16" else FLASH_F32
 
 
+def _segments(kind, B, T, S, rng):
+    """None, sorted packed-document ids ``[B, T]`` ("self") or a pair ``(q 0..3, kv 1..3)``."""
+    if kind == "self":
+        return jnp.asarray(np.sort(rng.integers(1, 4, (B, T)), axis=1), jnp.int32)
+    if kind == "pair":
+        return (jnp.asarray(rng.integers(0, 4, (B, T)), jnp.int32),
+                jnp.asarray(rng.integers(1, 4, (B, S)), jnp.int32))
+    return None
+
+
+@functools.cache
+def _prefix_inputs(name):
+    """``(q, k, v, prefix_k, prefix_v, do), segment_ids`` of prefix case ``name``."""
+    B, T, S, H, G, K, S_p, _, segments, dtype, _ = PREFIX_CASES[name]
+    keys = jax.random.split(jax.random.PRNGKey(1), 6)
+    shapes = [(B, T, H, K), (B, S, G, K), (B, S, G, K), (B, S_p, G, K), (B, S_p, G, K),
+              (B, T, H, K)]
+    arrays = tuple(jax.random.normal(key, shape, jnp.dtype(dtype))
+                   for key, shape in zip(keys, shapes, strict=True))
+    return arrays, _segments(segments, B, T, S, np.random.default_rng(1))
+
+
+def _prefix_value_and_grads(attn, name, **kw):
+    """``(out, dq, dk, dv, dprefix_k, dprefix_v)`` of ``attn`` on prefix case ``name``."""
+    (q, k, v, pk, pv, do), seg = _prefix_inputs(name)
+    causal = PREFIX_CASES[name][7]
+
+    def run(q, k, v, pk, pv, do, seg):
+        out, vjp = jax.vjp(lambda q, k, v, pk, pv: attn(q, k, v, causal=causal, segment_ids=seg,
+                                                         prefix_k=pk, prefix_v=pv, **kw),
+                           q, k, v, pk, pv)
+        return (out, *vjp(do))
+
+    return [np.asarray(x.astype(jnp.float32)) for x in _run(run, q, k, v, pk, pv, do, seg)]
+
+
+@functools.cache
+def _prefix_expected(name):
+    with jax.default_matmul_precision("highest"):  # no TF32 in XLA's float32 dots on GPUs
+        return _prefix_value_and_grads(attention_reference, name)
+
+
+def _prefix_tol(name):
+    return FLASH_BF16 if PREFIX_CASES[name][9] == "bfloat16" else FLASH_F32
+
+
+def _dense_prefix_attention(q, k, v, pk, pv, *, causal, segment_ids):
+    """Prefix attention in float64 numpy, written out independently of the package: the prefix
+    keys concatenated in front, a mask whose prefix columns are all True and whose real columns
+    are causal & same segment, a softmax over each row."""
+    q, k, v, pk, pv = (np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+                       for x in (q, k, v, pk, pv))
+    B, T, H, K = q.shape
+    S, G, S_p = k.shape[1], k.shape[2], pk.shape[1]
+    keys = np.repeat(np.concatenate([pk, k], axis=1), H // G, axis=2)  # head h reads h // (H/G)
+    values = np.repeat(np.concatenate([pv, v], axis=1), H // G, axis=2)
+    mask = np.ones((B, T, S_p + S), bool)
+    if causal:
+        mask[:, :, S_p:] &= np.arange(S)[None, :] <= np.arange(T)[:, None]
+    if segment_ids is not None:
+        q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids,) * 2
+        q_seg, kv_seg = np.asarray(q_seg), np.asarray(kv_seg)
+        mask[:, :, S_p:] &= q_seg[:, :, None] == kv_seg[:, None, :]
+    scores = np.einsum("bthk,bshk->bhts", q, keys) / np.sqrt(K)
+    scores = np.where(mask[:, None], scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshk->bthk", weights, values)
+
+
+@pytest.mark.parametrize("name", list(PREFIX_CASES))
+def test_reference_with_prefix_matches_dense_numpy(name):
+    """``attention_reference`` with prefix keys/values ≡ the dense float64 computation above (the
+    ``impl="xla"`` path is the reference too)."""
+    (q, k, v, pk, pv, _), seg = _prefix_inputs(name)
+    causal = PREFIX_CASES[name][7]
+    expected = _dense_prefix_attention(q, k, v, pk, pv, causal=causal, segment_ids=seg)
+
+    def both(q, k, v, pk, pv, seg):
+        kw = dict(causal=causal, segment_ids=seg, prefix_k=pk, prefix_v=pv)
+        return attention_reference(q, k, v, **kw), flash_attention(q, k, v, impl="xla", **kw)
+
+    with jax.default_matmul_precision("highest"):
+        got = _run(both, q, k, v, pk, pv, seg)
+    for impl, out in zip(("reference", "xla"), got, strict=True):
+        np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), expected,
+                                   **_prefix_tol(name), err_msg=impl)
+
+
 @pytest.mark.parametrize("mode", MODES)
 class TestFlashAttention:
     @pytest.mark.parametrize("name", list(CASES))
@@ -155,40 +259,104 @@ class TestFlashAttention:
             assert empty.any()
             assert np.all(got[0][empty] == 0) and np.all(got[1][empty] == 0)
 
-    def test_kernel_path_runs(self, mode):
+    @pytest.mark.parametrize("name", list(PREFIX_CASES))
+    def test_prefix_values_and_grads_match_reference(self, mode, name, monkeypatch):
+        """With prefix keys/values: kernel ≡ reference, the output and the gradients of q, k, v,
+        prefix_k and prefix_v; queries that see no real key attend to the prefix alone."""
+        variant, interpret = mode
+        fwd, bwd = PREFIX_CASES[name][10]
+        blocks = {}
+        if not interpret and variant == "tpu":  # Mosaic TPU tiles: key blocks of 128 lanes
+            blocks = {"block_q": 128, "block_k": 128}
+        else:  # the case's forward and backward tiles, by the defaults of where it runs
+            where = "cpu" if interpret else variant
+            monkeypatch.setitem(attention_ops.DEFAULT_BLOCKS, where, {"fwd": fwd, "bwd": bwd})
+        got = _prefix_value_and_grads(flash_attention, name, impl="pallas", platform=variant,
+                                      interpret=interpret, **blocks)
+        ref = _prefix_expected(name)
+        whats = ("out", "dq", "dk", "dv", "dprefix_k", "dprefix_v")
+        for what, g, r in zip(whats, got, ref, strict=True):
+            np.testing.assert_allclose(g, r, **_prefix_tol(name), err_msg=f"{what} vs reference")
+            assert np.all(np.isfinite(g)), what
+        if PREFIX_CASES[name][8] == "pair":  # no real key visible: attention over the prefix only
+            (q, _, _, pk, pv, _), (q_seg, kv_seg) = _prefix_inputs(name)
+            empty = ~np.asarray((q_seg[:, :, None] == kv_seg[:, None, :]).any(-1))
+            assert empty.any()
+            with jax.default_matmul_precision("highest"):
+                prefix_only = attention_reference(q, pk, pv, causal=False)
+            prefix_only = np.asarray(prefix_only.astype(jnp.float32))
+            np.testing.assert_allclose(got[0][empty], prefix_only[empty], **_prefix_tol(name))
+            assert np.all(np.abs(got[0][empty]).max(-1) > 0)
+
+    def test_prefix_is_all_a_query_sees_when_its_real_keys_are_masked(self, mode):
+        """Queries whose segment has no key (and a causal first token of each document, which sees
+        itself) still attend to the prefix: an output row that sees only the prefix is exactly
+        attention over the prefix alone; the others see the prefix and their document."""
+        variant, interpret = mode
+        B, T, H, G, K, S_p = 1, 24, 2, 1, 32, 5
+        keys = jax.random.split(jax.random.PRNGKey(2), 5)
+        q = jax.random.normal(keys[0], (B, T, H, K))
+        k, v = (jax.random.normal(key, (B, T, G, K)) for key in keys[1:3])
+        pk, pv = (jax.random.normal(key, (B, S_p, G, K)) for key in keys[3:])
+        q_seg = jnp.asarray([[0] * 8 + [1] * 8 + [2] * 8], jnp.int32)  # segment 0: no keys
+        kv_seg = jnp.asarray([[3] * 8 + [1] * 8 + [2] * 8], jnp.int32)
+        blocks = {"block_q": 128, "block_k": 128} if not interpret and variant == "tpu" else {
+            "block_q": 8, "block_k": 8} if interpret else {"block_q": 16, "block_k": 16}
+        got = np.asarray(_run(lambda *a: flash_attention(
+            *a[:3], causal=True, segment_ids=(q_seg, kv_seg), prefix_k=a[3], prefix_v=a[4],
+            impl="pallas", platform=variant, interpret=interpret, **blocks), q, k, v, pk, pv))
+        with jax.default_matmul_precision("highest"):
+            prefix_only = np.asarray(attention_reference(q, pk, pv, causal=False))
+        np.testing.assert_allclose(got[:, :8], prefix_only[:, :8], **FLASH_F32)
+        expected = _dense_prefix_attention(q, k, v, pk, pv, causal=True,
+                                           segment_ids=(q_seg, kv_seg))
+        np.testing.assert_allclose(got, expected, **FLASH_F32)
+        assert not np.allclose(got[:, 8], prefix_only[:, 8], **FLASH_F32)  # sees itself, too
+
+    @pytest.mark.parametrize("prefixed", [False, True], ids=["no-prefix", "prefix"])
+    def test_kernel_path_runs(self, mode, prefixed):
         """The pallas impl really calls the three kernels (no silent fallback); "xla" calls none."""
         variant, interpret = mode
         (q, k, v, _), seg = _inputs("causal-gqa4-segments-ragged-f32")
+        prefix = (k[:, :7], v[:, :7]) if prefixed else (None, None)
 
-        def loss(q, k, v, impl):
-            return flash_attention(q, k, v, segment_ids=seg, impl=impl, platform=variant,
-                                   interpret=interpret).sum()
+        def loss(q, k, v, pk, pv, impl):
+            return flash_attention(q, k, v, segment_ids=seg, prefix_k=pk, prefix_v=pv, impl=impl,
+                                   platform=variant, interpret=interpret).sum()
 
+        argnums = (0, 1, 2, 3, 4) if prefixed else (0, 1, 2)
         text = str(jax.make_jaxpr(jax.grad(functools.partial(loss, impl="pallas"),
-                                           argnums=(0, 1, 2)))(q, k, v))
+                                           argnums=argnums))(q, k, v, *prefix))
         for kernel in ("flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv"):
             assert kernel in text, kernel
-        text = str(jax.make_jaxpr(jax.grad(functools.partial(loss, impl="xla")))(q, k, v))
+        text = str(jax.make_jaxpr(jax.grad(functools.partial(loss, impl="xla"),
+                                           argnums=argnums))(q, k, v, *prefix))
         assert "pallas_call" not in text
 
 
-@pytest.mark.parametrize("T, S, causal, segments, blocks", [
-    (256, 1024, True, False, (128, 128)),   # T < S
-    (130, 1000, True, False, (128, 128)),   # T < S, ragged: padded keys
-    (130, 1000, True, True, (None, None)),  # with segment ids; default tiles (512 fwd, 256 bwd)
-    (1000, 300, True, False, (None, None)),  # T > S
-    (300, 300, True, True, (128, 128)),
-    (256, 1024, False, False, (128, 128)),
+@pytest.mark.parametrize("T, S, causal, segments, blocks, n_prefix", [
+    (256, 1024, True, False, (128, 128), 0),   # T < S
+    (130, 1000, True, False, (128, 128), 0),   # T < S, ragged: padded keys
+    (130, 1000, True, True, (None, None), 0),  # with segment ids; default tiles (512 fwd, 256 bwd)
+    (1000, 300, True, False, (None, None), 0),  # T > S
+    (300, 300, True, True, (128, 128), 0),
+    (256, 1024, False, False, (128, 128), 0),
+    # Prefixes: padded to 512 by the default tiles, the backward's key block 1 is padding only.
+    (130, 1000, True, True, (None, None), 48),
+    (256, 1024, True, False, (128, 128), 300),
 ])
-def test_tpu_grid_block_indices_stay_in_range(T, S, causal, segments, blocks):
+def test_tpu_grid_block_indices_stay_in_range(T, S, causal, segments, blocks, n_prefix):
     """Every block a TPU grid kernel fetches is inside its array, at every grid point, and is the
     grid's own block wherever that block is computed. Interpret mode clamps an out-of-range index
     (so value tests cannot see one); a TPU would DMA out of bounds. (256, 1024) causal: key blocks
-    2..7 have no query, and the dk/dv map once asked for query block 7 of 2."""
+    2..7 have no query, and the dk/dv map once asked for query block 7 of 2. With a prefix, every
+    query block computes every prefix block holding a prefix key."""
     spec = make_spec((1, T, 2, 64), (1, S, 1, 64), causal=causal, scale=1.0, segments=segments,
-                     variant="tpu", interpret=False, block_q=blocks[0], block_k=blocks[1])
+                     variant="tpu", interpret=False, block_q=blocks[0], block_k=blocks[1],
+                     n_prefix=n_prefix)
     for bq, bk in ((spec.block_q, spec.block_k), (spec.block_q_bwd, spec.block_k_bwd)):
-        nq, nk = spec.t_pad // bq, spec.s_pad // bk
+        nq, nk = spec.t_pad // bq, (spec.prefix_pad + spec.s_pad) // bk
+        off = spec.prefix_pad // bk  # key blocks [0, off) are the padded prefix
         i, j = jnp.arange(nq)[:, None], jnp.arange(nk)[None, :]  # grid points [query, key block]
         kv = np.broadcast_to(attention_kernel.kv_block_index(i, j, bq, bk, spec), (nq, nk))  # fwd, dq
         q = np.broadcast_to(attention_kernel.q_block_index(j, i, bq, bk, spec), (nq, nk))  # dk/dv
@@ -197,7 +365,8 @@ def test_tpu_grid_block_indices_stay_in_range(T, S, causal, segments, blocks):
         # Blocks that are computed are fetched as themselves: causally, query block i needs key
         # blocks j with j·bk <= last query of i, key block j the query blocks i with i·bq + bq > j·bk.
         ii, jj = np.meshgrid(np.arange(nq), np.arange(nk), indexing="ij")
-        needed = (jj * bk <= ii * bq + bq - 1) if causal else np.ones_like(ii, bool)
+        needed = ((jj - off) * bk <= ii * bq + bq - 1) if causal else np.ones_like(ii, bool)
+        needed = np.where(jj < off, jj * bk < n_prefix, needed)
         np.testing.assert_array_equal(kv[needed], jj[needed])
         np.testing.assert_array_equal(q[needed], ii[needed])
 
@@ -247,22 +416,29 @@ def test_auto_impl_is_xla_until_validated_for_both_kernels(monkeypatch):
 
 
 @pytest.mark.parametrize("platform, variant", [("cuda", "gpu"), ("tpu", "tpu")])
-@pytest.mark.parametrize("causal, segments, dtype, K", [(True, True, "bfloat16", 64),
-                                                        (False, False, "float32", 48)])
-def test_forward_and_backward_lower_for_hardware(platform, variant, causal, segments, dtype, K):
+@pytest.mark.parametrize("causal, segments, dtype, K, n_prefix", [
+    (True, True, "bfloat16", 64, 0),
+    (False, False, "float32", 48, 0),
+    (True, True, "bfloat16", 64, 48),  # a prefix, not a multiple of any block
+])
+def test_forward_and_backward_lower_for_hardware(platform, variant, causal, segments, dtype, K,
+                                                 n_prefix):
     """On any machine: the kernels lower to Triton (CUDA) / Mosaic (TPU) custom calls."""
     B, T, H, G = 2, 1000, 8, 2  # T not a multiple of any block
     q = jax.ShapeDtypeStruct((B, T, H, K), jnp.dtype(dtype))
     kv = jax.ShapeDtypeStruct((B, T, G, K), jnp.dtype(dtype))
     seg = jax.ShapeDtypeStruct((B, T), jnp.int32) if segments else None
+    prefix = (jax.ShapeDtypeStruct((B, n_prefix, G, K), jnp.dtype(dtype)),) * 2 if n_prefix else ()
 
-    def loss(q, k, v, seg):
-        out = flash_attention(q, k, v, causal=causal, segment_ids=seg, impl="pallas",
-                              interpret=False, platform=variant)
+    def loss(q, k, v, seg, *prefix):
+        pk, pv = prefix or (None, None)
+        out = flash_attention(q, k, v, causal=causal, segment_ids=seg, prefix_k=pk, prefix_v=pv,
+                              impl="pallas", interpret=False, platform=variant)
         return out.astype(jnp.float32).sum()
 
-    fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    text = fwd_bwd.trace(q, kv, kv, seg).lower(lowering_platforms=(platform,)).as_text()
+    argnums = (0, 1, 2, 4, 5) if n_prefix else (0, 1, 2)
+    fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=argnums))
+    text = fwd_bwd.trace(q, kv, kv, seg, *prefix).lower(lowering_platforms=(platform,)).as_text()
     target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
     assert text.count(f"custom_call @{target}") == 3  # forward, dq, dk/dv
 
@@ -280,6 +456,32 @@ def test_bad_blocks_and_arguments_raise():
     with pytest.raises(ValueError, match="G must divide H"):
         flash_attention(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2))
     assert set(DEFAULT_BLOCKS) == {"cpu", "gpu", "tpu"}
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_bad_prefix_arguments_raise(impl):
+    """A prefix comes as both ``prefix_k`` and ``prefix_v``, shaped ``[B, S_p >= 1, G, K]`` like
+    k, in k's dtype; anything else is a ValueError that names the argument."""
+    (q, k, v, _), _ = _inputs("causal-gqa2-ragged-f32")  # q [2, 100, 4, 32], k [2, 100, 2, 32]
+    pk = k[:, :6]
+
+    def call(**prefix):
+        return jax.eval_shape(lambda: flash_attention(q, k, v, impl=impl, **prefix))
+
+    with pytest.raises(ValueError, match="prefix_k was given without prefix_v"):
+        call(prefix_k=pk)
+    with pytest.raises(ValueError, match="prefix_v was given without prefix_k"):
+        call(prefix_v=pk)
+    bad = {"B": pk[:1], "G": pk[:, :, :1], "K": pk[..., :16], "rank": pk[0], "S_p": pk[:, :0]}
+    for x in bad.values():  # by what does not fit
+        with pytest.raises(ValueError, match=r"prefix_k of shape .* must be \[B, S_p, G, K\]"):
+            call(prefix_k=x, prefix_v=x)
+        with pytest.raises(ValueError, match="prefix_v of shape"):
+            call(prefix_k=pk, prefix_v=x)
+    with pytest.raises(ValueError, match="prefix_v of shape .* differs from prefix_k"):
+        call(prefix_k=pk, prefix_v=k[:, :5])
+    with pytest.raises(ValueError, match="prefix_k dtype bfloat16 differs from k's float32"):
+        call(prefix_k=pk.astype(jnp.bfloat16), prefix_v=pk)
 
 
 @pytest.mark.slow

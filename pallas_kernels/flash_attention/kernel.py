@@ -26,6 +26,17 @@ probabilities from the forward's log-sum-exp. The tile math (``_fwd_step``, ``_b
 Causal skipping: tiles wholly above the diagonal are never loaded or computed; tiles wholly below it
 (and not in a padded key block, and without segment ids) skip the mask arithmetic.
 
+Prefix keys/values (ParScale, arXiv 2505.10475; ``Spec.n_prefix > 0``): ``ops`` concatenates them
+in front of the real keys, padded to ``Spec.prefix_pad`` (a multiple of every key block, so each
+key block is wholly prefix or wholly real and the real keys stay block-aligned). Key column ``c <
+prefix_pad`` is prefix entry ``c``, visible to every query iff ``c < n_prefix``; column ``c >=
+prefix_pad`` is real key ``c - prefix_pad``, under the usual causal / segment / padding test at
+that position. Every query visits every prefix block (causality never skips one); the prefix
+blocks made only of padding are skipped (never computed, and on the grid schedule never fetched);
+the one block holding the prefix's end is masked with the prefix mask (``mask="prefix"``), the
+others with none. The key segment ids are padded in front alike (the prefix columns' ids are never
+used). dk/dv of the prefix are the gradients of its columns, sliced back out by ``ops``.
+
 Tile letters (beside the model's B T S H G K): Q a query block (``block_q`` rows), C a key block
 (``block_k`` columns), U the lanes of a row statistic (1, or 128 lane-replicated on TPU), Y the rows
 of a key segment-id tile (1, or a sublane tile of 8).
@@ -66,6 +77,9 @@ class Spec:
       rep: query heads per kv head (``H // G``).
       block_q, block_k: forward tile; block_q_bwd, block_k_bwd: tile of both backward kernels.
       segments: segment ids are passed.
+      n_prefix: prefix keys in front of the real ones (0: none); prefix_pad: their padded length,
+        a multiple of ``block_k`` and ``block_k_bwd`` (0 without a prefix). The key arrays hold
+        ``prefix_pad + s_pad`` columns.
       interpret: run the kernels in Pallas's interpreter (CPU).
       num_warps, num_stages: Triton launch parameters (variant "gpu").
     """
@@ -84,6 +98,8 @@ class Spec:
     block_k_bwd: int
     segments: bool
     interpret: bool
+    n_prefix: int = 0
+    prefix_pad: int = 0
     num_warps: int = 4
     num_stages: int = 2
 
@@ -123,7 +139,8 @@ def _expand(stat_QU: Array, n: int) -> Array:
 
 
 def _block_mask(q0, k0, bq: int, bk: int, q_seg_QU, kv_seg_YC, spec: Spec) -> Array:
-    """``[bq, bk]`` True where query ``q0 + row`` may attend key ``k0 + col``."""
+    """``[bq, bk]`` True where query ``q0 + row`` may attend key column ``k0 + col`` of a block of
+    real keys (column ``c`` is real key ``c - spec.prefix_pad``)."""
     mask = None
 
     def both(a, b):
@@ -131,6 +148,8 @@ def _block_mask(q0, k0, bq: int, bk: int, q_seg_QU, kv_seg_YC, spec: Spec) -> Ar
 
     if spec.causal or spec.s_pad != spec.s:
         cols = k0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+        if spec.prefix_pad:
+            cols = cols - spec.prefix_pad
         if spec.causal:
             mask = cols <= q0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
         if spec.s_pad != spec.s:
@@ -138,6 +157,17 @@ def _block_mask(q0, k0, bq: int, bk: int, q_seg_QU, kv_seg_YC, spec: Spec) -> Ar
     if spec.segments:
         mask = both(mask, _expand(q_seg_QU, bk) == kv_seg_YC[:1, :])
     return mask
+
+
+def _tile_mask(kind, q0, k0, bq: int, bk: int, q_seg_QU, kv_seg_YC, spec: Spec) -> Array | None:
+    """The mask of a tile by ``kind``: None (no mask), "prefix" (a prefix block holding padding:
+    column ``k0 + col`` visible to every query iff it is below ``n_prefix``) or "keys" (a block of
+    real keys, :func:`_block_mask`)."""
+    if kind is None:
+        return None
+    if kind == "prefix":
+        return k0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1) < spec.n_prefix
+    return _block_mask(q0, k0, bq, bk, q_seg_QU, kv_seg_YC, spec)
 
 
 def _fwd_step(carry, q_QK, k_CK, v_CK, mask, scale: float):
@@ -184,8 +214,26 @@ def _div(a, b: int):
     return lax.div(a, jnp.int32(b))
 
 
+def _prefix_blocks(bk: int, spec: Spec) -> tuple[int, int, int]:
+    """Static prefix key blocks of size ``bk``: ``(full, end, off)`` — unmasked ``[0, full)``,
+    the one holding the prefix's end (masked) ``[full, end)``, padding only ``[end, off)``; real
+    key block ``r`` is block ``off + r``. ``(0, 0, 0)`` without a prefix."""
+    return spec.n_prefix // bk, -(-spec.n_prefix // bk), spec.prefix_pad // bk
+
+
+def _in(x, lo, hi):
+    """``lo <= x < hi`` (a traced bool), leaving out a bound that is the literal 0 / None."""
+    cond = None
+    if not (isinstance(lo, int) and lo == 0):
+        cond = x >= lo
+    if hi is not None:
+        cond = x < hi if cond is None else cond & (x < hi)
+    return cond
+
+
 def _kv_range(i, bq: int, bk: int, spec: Spec):
-    """Key blocks of query block ``i``: unmasked ``[0, n_full)``, masked ``[n_full, n_end)``."""
+    """Real-key blocks of query block ``i`` (counted from the first real one): unmasked ``[0,
+    n_full)``, masked ``[n_full, n_end)``."""
     nk = jnp.int32(spec.s_pad // bk)
     n_end = jnp.minimum(nk, _div((i + 1) * bq + bk - 1, bk)) if spec.causal else nk
     if spec.segments:
@@ -196,8 +244,20 @@ def _kv_range(i, bq: int, bk: int, spec: Spec):
     return n_full, n_end
 
 
-def _q_range(j, bq: int, bk: int, spec: Spec):
-    """Query blocks of key block ``j``: masked ``[first, m_end)``, unmasked ``[m_end, nq)``."""
+def _kv_steps(i, bq: int, bk: int, spec: Spec) -> list[tuple]:
+    """The key blocks query block ``i`` visits, in order, as ranges ``(lo, hi, mask kind)`` of
+    block indices into the (prefix + real) key array; kinds as in :func:`_tile_mask`."""
+    n_full, n_end = _kv_range(i, bq, bk, spec)
+    if not spec.n_prefix:
+        return [(0, n_full, None), (n_full, n_end, "keys")]
+    full, end, off = _prefix_blocks(bk, spec)
+    steps = [(0, full, None)] if full else []
+    steps += [(full, end, "prefix")] if end > full else []
+    return steps + [(off, off + n_full, None), (off + n_full, off + n_end, "keys")]
+
+
+def _q_range_keys(j, bq: int, bk: int, spec: Spec):
+    """Query blocks of real-key block ``j``: masked ``[first, m_end)``, unmasked ``[m_end, nq)``."""
     nq = jnp.int32(spec.t_pad // bq)
     first = _div(j * bk, bq) if spec.causal else jnp.int32(0)
     if spec.segments:
@@ -211,11 +271,43 @@ def _q_range(j, bq: int, bk: int, spec: Spec):
     return first, m_end
 
 
+def _q_range(j, bq: int, bk: int, spec: Spec):
+    """Query blocks of key block ``j`` (counting the prefix blocks): masked ``[first, m_end)``, unmasked
+    ``[m_end, nq)``. A prefix block is seen by every query block — unmasked, or masked throughout
+    when it holds the prefix's end — and one of padding only by none (``first = m_end = nq``)."""
+    if not spec.n_prefix:
+        return _q_range_keys(j, bq, bk, spec)
+    nq = jnp.int32(spec.t_pad // bq)
+    full, end, off = _prefix_blocks(bk, spec)
+    first_keys, m_end_keys = _q_range_keys(jnp.maximum(j - off, 0), bq, bk, spec)
+    in_prefix = j < off
+    first = jnp.where(in_prefix, jnp.where(j < end, 0, nq), first_keys)
+    m_end = jnp.where(in_prefix, jnp.where(j < full, 0, nq), m_end_keys)
+    return first, m_end
+
+
+def _q_steps(j, bq: int, bk: int, spec: Spec) -> list[tuple]:
+    """The query blocks key block ``j`` is seen by, as ranges ``(lo, hi, mask kind)``."""
+    first, m_end = _q_range(j, bq, bk, spec)
+    nq = spec.t_pad // bq
+    if not spec.n_prefix:
+        return [(first, m_end, "keys"), (m_end, nq, None)]
+    full, end, off = _prefix_blocks(bk, spec)
+    in_prefix = j < off
+    steps = [(first, jnp.where(in_prefix, m_end, first), "prefix")] if end > full else []
+    return steps + [(first, jnp.where(in_prefix, first, m_end), "keys"), (m_end, nq, None)]
+
+
 def kv_block_index(i, j, bq: int, bk: int, spec: Spec):
     """Grid schedule, forward and dq: the key block fetched at grid point (query block ``i``, key
-    block ``j``). Causally skipped blocks repeat the last needed one (no new DMA); always in
-    ``[0, s_pad // bk)``."""
-    return jnp.minimum(j, _kv_range(i, bq, bk, spec)[1] - 1)
+    block ``j``). Causally skipped blocks repeat the last needed one, prefix blocks of padding the
+    last prefix block (no new DMA); always in ``[0, (prefix_pad + s_pad) // bk)``."""
+    full, end, off = _prefix_blocks(bk, spec)
+    n_end = _kv_range(i, bq, bk, spec)[1]
+    index = jnp.minimum(j, (n_end + off if off else n_end) - 1)
+    if end < off:
+        index = jnp.where((j >= end) & (j < off), end - 1, index)
+    return index
 
 
 def q_block_index(j, i, bq: int, bk: int, spec: Spec):
@@ -239,16 +331,13 @@ def _unpack(refs, n_in: int, spec: Spec):
 # loop schedule (variant "gpu"): [B, T, H, K]; grid (B, H, nq) / (B, G, nk)
 
 
-def _kv_block(j, k_ref, v_ref, kvseg_ref, q0, bq: int, bk: int, q_seg, masked: bool, spec: Spec):
-    """The ``j``-th K/V block of the loop schedule and, on blocks that need one (``masked``), its
-    causal/segment mask against the query block starting at ``q0``."""
+def _kv_block(j, k_ref, v_ref, kvseg_ref, q0, bq: int, bk: int, q_seg, kind, spec: Spec):
+    """The ``j``-th K/V block of the loop schedule and its mask of ``kind`` (:func:`_tile_mask`)
+    against the query block starting at ``q0``."""
     k0 = pl.multiple_of(j * bk, bk)
     k_CK, v_CK = k_ref[pl.ds(k0, bk), :], v_ref[pl.ds(k0, bk), :]
-    mask = None
-    if masked:
-        kv_seg = kvseg_ref[:, pl.ds(k0, bk)] if spec.segments else None
-        mask = _block_mask(q0, k0, bq, bk, q_seg, kv_seg, spec)
-    return k_CK, v_CK, mask
+    kv_seg = kvseg_ref[:, pl.ds(k0, bk)] if spec.segments and kind == "keys" else None
+    return k_CK, v_CK, _tile_mask(kind, q0, k0, bq, bk, q_seg, kv_seg, spec)
 
 
 def _fwd_loop_kernel(*refs, spec: Spec):
@@ -258,15 +347,14 @@ def _fwd_loop_kernel(*refs, spec: Spec):
     q_QK = q_ref[...]
     q_seg = qseg_ref[...] if spec.segments else None
 
-    def body(j, carry, masked):
-        k_CK, v_CK, mask = _kv_block(j, k_ref, v_ref, kvseg_ref, i * bq, bq, bk, q_seg, masked,
-                                     spec)
+    def body(j, carry, kind):
+        k_CK, v_CK, mask = _kv_block(j, k_ref, v_ref, kvseg_ref, i * bq, bq, bk, q_seg, kind, spec)
         return _fwd_step(carry, q_QK, k_CK, v_CK, mask, spec.scale)
 
-    n_full, n_end = _kv_range(i, bq, bk, spec)
+    steps = _kv_steps(i, bq, bk, spec)
     carry = _fwd_init(bq, q_QK.shape[-1], 1)
-    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
-    carry = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+    for lo, hi, kind in steps:
+        carry = lax.fori_loop(lo, hi, functools.partial(body, kind=kind), carry)
     out_QK, lse_Q1 = _fwd_finish(*carry)
     o_ref[...] = out_QK.astype(o_ref.dtype)
     lse_ref[...] = lse_Q1
@@ -280,16 +368,15 @@ def _dq_loop_kernel(*refs, spec: Spec):
     q_QK, do_QK, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     q_seg = qseg_ref[...] if spec.segments else None
 
-    def body(j, dq_QK, masked):
-        k_CK, v_CK, mask = _kv_block(j, k_ref, v_ref, kvseg_ref, i * bq, bq, bk, q_seg, masked,
-                                     spec)
+    def body(j, dq_QK, kind):
+        k_CK, v_CK, mask = _kv_block(j, k_ref, v_ref, kvseg_ref, i * bq, bq, bk, q_seg, kind, spec)
         _, ds_QC = _bwd_step(q_QK, k_CK, v_CK, do_QK, lse, delta, mask, spec.scale)
         return dq_QK + _dot(ds_QC.astype(k_CK.dtype), k_CK, (1, 0))
 
-    n_full, n_end = _kv_range(i, bq, bk, spec)
+    steps = _kv_steps(i, bq, bk, spec)
     dq_QK = jnp.zeros(q_QK.shape, jnp.float32)
-    dq_QK = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dq_QK)
-    dq_QK = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), dq_QK)
+    for lo, hi, kind in steps:
+        dq_QK = lax.fori_loop(lo, hi, functools.partial(body, kind=kind), dq_QK)
     dq_ref[...] = (dq_QK * spec.scale).astype(dq_ref.dtype)
 
 
@@ -300,26 +387,26 @@ def _dkv_loop_kernel(*refs, spec: Spec):
     j = pl.program_id(2)
     k_CK, v_CK = k_ref[...], v_ref[...]
     kv_seg = kvseg_ref[...] if spec.segments else None
-    first, m_end = _q_range(j, bq, bk, spec)
+    steps = _q_steps(j, bq, bk, spec)
 
-    def body(i, carry, r, masked):
+    def body(i, carry, r, kind):
         dk_CK, dv_CK = carry
         q0 = pl.multiple_of(i * bq, bq)
         q_QK, do_QK = q_ref[pl.ds(q0, bq), r, :], do_ref[pl.ds(q0, bq), r, :]
         lse, delta = lse_ref[r, pl.ds(q0, bq), :], delta_ref[r, pl.ds(q0, bq), :]
         mask = None
-        if masked:
-            q_seg = qseg_ref[pl.ds(q0, bq), :] if spec.segments else None
-            mask = _block_mask(q0, j * bk, bq, bk, q_seg, kv_seg, spec)
+        if kind is not None:
+            q_seg = qseg_ref[pl.ds(q0, bq), :] if spec.segments and kind == "keys" else None
+            mask = _tile_mask(kind, q0, j * bk, bq, bk, q_seg, kv_seg, spec)
         p_QC, ds_QC = _bwd_step(q_QK, k_CK, v_CK, do_QK, lse, delta, mask, spec.scale)
         dv_CK = dv_CK + _dot(p_QC.astype(do_QK.dtype), do_QK, (0, 0))
         dk_CK = dk_CK + _dot(ds_QC.astype(q_QK.dtype), q_QK, (0, 0))
         return dk_CK, dv_CK
 
     def head(r, carry):  # the query heads that share this kv head
-        carry = lax.fori_loop(first, m_end, functools.partial(body, r=r, masked=True), carry)
-        return lax.fori_loop(m_end, spec.t_pad // bq, functools.partial(body, r=r, masked=False),
-                             carry)
+        for lo, hi, kind in steps:
+            carry = lax.fori_loop(lo, hi, functools.partial(body, r=r, kind=kind), carry)
+        return carry
 
     zeros = jnp.zeros(k_CK.shape, jnp.float32)
     dk_CK, dv_CK = lax.fori_loop(0, spec.rep, head, (zeros, zeros))
@@ -396,6 +483,16 @@ def _loop_backward(q, k, v, q_seg, kv_seg, lse, delta, do, spec: Spec):
 # grid schedule (variant "tpu"): [B, H, T, K]; grid (B, H, nq, nk) / (B, G, nk, rep, nq)
 
 
+def _grid_mask(kind, i, j, bq: int, bk: int, qseg_ref, kvseg_ref, spec: Spec):
+    """Grid schedule: the mask of ``kind`` of tile (query block ``i``, key block ``j``); segment
+    ids are read only for "keys"."""
+    if kind is None:
+        return None
+    segs = spec.segments and kind == "keys"
+    return _tile_mask(kind, i * bq, j * bk, bq, bk, qseg_ref[...] if segs else None,
+                      kvseg_ref[...] if segs else None, spec)
+
+
 def _fwd_grid_kernel(*refs, spec: Spec):
     (q_ref, k_ref, v_ref, qseg_ref, kvseg_ref), (o_ref, lse_ref, m_scr, l_scr, acc_scr) = _unpack(
         refs, 3, spec)
@@ -406,18 +503,14 @@ def _fwd_grid_kernel(*refs, spec: Spec):
     def _init():
         m_scr[...], l_scr[...], acc_scr[...] = _fwd_init(bq, acc_scr.shape[-1], TPU_LANES)
 
-    def step(masked):
-        mask = None
-        if masked:
-            mask = _block_mask(i * bq, j * bk, bq, bk, qseg_ref[...] if spec.segments else None,
-                               kvseg_ref[...] if spec.segments else None, spec)
+    def step(kind):
+        mask = _grid_mask(kind, i, j, bq, bk, qseg_ref, kvseg_ref, spec)
         carry = (m_scr[...], l_scr[...], acc_scr[...])
         m_scr[...], l_scr[...], acc_scr[...] = _fwd_step(carry, q_ref[...], k_ref[...], v_ref[...],
                                                          mask, spec.scale)
 
-    n_full, n_end = _kv_range(i, bq, bk, spec)
-    pl.when(j < n_full)(lambda: step(False))
-    pl.when((j >= n_full) & (j < n_end))(lambda: step(True))
+    for lo, hi, kind in _kv_steps(i, bq, bk, spec):
+        pl.when(_in(j, lo, hi))(functools.partial(step, kind))
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -436,19 +529,15 @@ def _dq_grid_kernel(*refs, spec: Spec):
     def _init():
         dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
 
-    def step(masked):
-        mask = None
-        if masked:
-            mask = _block_mask(i * bq, j * bk, bq, bk, qseg_ref[...] if spec.segments else None,
-                               kvseg_ref[...] if spec.segments else None, spec)
+    def step(kind):
+        mask = _grid_mask(kind, i, j, bq, bk, qseg_ref, kvseg_ref, spec)
         k_CK = k_ref[...]
         _, ds_QC = _bwd_step(q_ref[...], k_CK, v_ref[...], do_ref[...], lse_ref[...],
                              delta_ref[...], mask, spec.scale)
         dq_scr[...] += _dot(ds_QC.astype(k_CK.dtype), k_CK, (1, 0))
 
-    n_full, n_end = _kv_range(i, bq, bk, spec)
-    pl.when(j < n_full)(lambda: step(False))
-    pl.when((j >= n_full) & (j < n_end))(lambda: step(True))
+    for lo, hi, kind in _kv_steps(i, bq, bk, spec):
+        pl.when(_in(j, lo, hi))(functools.partial(step, kind))
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -466,20 +555,18 @@ def _dkv_grid_kernel(*refs, spec: Spec):
         dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
         dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
-    def step(masked):
-        mask = None
-        if masked:
-            mask = _block_mask(i * bq, j * bk, bq, bk, qseg_ref[...] if spec.segments else None,
-                               kvseg_ref[...] if spec.segments else None, spec)
+    def step(kind):
+        mask = _grid_mask(kind, i, j, bq, bk, qseg_ref, kvseg_ref, spec)
         q_QK, do_QK = q_ref[...], do_ref[...]
         p_QC, ds_QC = _bwd_step(q_QK, k_ref[...], v_ref[...], do_QK, lse_ref[...], delta_ref[...],
                                 mask, spec.scale)
         dv_scr[...] += _dot(p_QC.astype(do_QK.dtype), do_QK, (0, 0))
         dk_scr[...] += _dot(ds_QC.astype(q_QK.dtype), q_QK, (0, 0))
 
-    first, m_end = _q_range(j, bq, bk, spec)
-    pl.when((i >= first) & (i < m_end))(lambda: step(True))
-    pl.when(i >= m_end)(lambda: step(False))
+    nq = spec.t_pad // bq
+    for lo, hi, kind in _q_steps(j, bq, bk, spec):
+        pl.when(_in(i, lo, None if isinstance(hi, int) and hi == nq else hi))(
+            functools.partial(step, kind))
 
     @pl.when((r == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1))
     def _finish():
@@ -582,12 +669,14 @@ def _grid_backward(q, k, v, q_seg, kv_seg, lse, delta, do, spec: Spec):
 
 
 def forward(q, k, v, q_seg, kv_seg, spec: Spec) -> tuple[Array, Array]:
-    """``(out, lse)``: ``out`` like ``q``; ``lse`` float32 ``[B, H, T, spec.stat_width]``."""
+    """``(out, lse)``: ``out`` like ``q``; ``lse`` float32 ``[B, H, T, spec.stat_width]``. ``k``,
+    ``v`` and ``kv_seg`` hold ``spec.prefix_pad`` prefix columns before the real keys."""
     fn = _grid_forward if spec.variant == "tpu" else _loop_forward
     return tuple(fn(q, k, v, q_seg, kv_seg, spec))
 
 
 def backward(q, k, v, q_seg, kv_seg, lse, delta, do, spec: Spec) -> tuple[Array, Array, Array]:
-    """``(dq, dk, dv)``; ``delta = rowsum(out * do)`` laid out like ``lse``."""
+    """``(dq, dk, dv)``; ``delta = rowsum(out * do)`` laid out like ``lse``; ``dk``, ``dv`` like
+    ``k``, ``v`` (prefix columns included)."""
     fn = _grid_backward if spec.variant == "tpu" else _loop_backward
     return fn(q, k, v, q_seg, kv_seg, lse, delta, do, spec)

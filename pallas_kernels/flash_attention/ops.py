@@ -1,8 +1,16 @@
 """``flash_attention``: the public op — impl switch, block defaults, padding, layout, custom_vjp.
 
-Semantics (causal alignment, segment ids, GQA, empty rows) are those of
+Semantics (causal alignment, segment ids, GQA, prefix keys/values, empty rows) are those of
 :func:`pallas_kernels.flash_attention.reference.attention_reference`; the kernels are described in
 :mod:`pallas_kernels.flash_attention.kernel`.
+
+Prefix keys/values (``prefix_k`` / ``prefix_v``, ``[B, S_p, G, K]``; ParScale, arXiv 2505.10475):
+every query attends to all ``S_p`` of them, whatever ``causal`` and ``segment_ids`` say, and the
+softmax runs over them and the query's usual keys together. The kernel path concatenates them in
+front of the real keys, padded to a multiple of the key tiles (``Spec.prefix_pad``; the padding is
+masked), so the real keys stay tile-aligned; the kernels' mask treats the ``S_p`` prefix columns
+as always visible and tests the real ones at their own positions. Their gradients are those of the
+concatenated columns, sliced back out (autodiff of the concatenation, outside the ``custom_vjp``).
 
 ``impl="auto"`` follows the policy of every kernel here (:mod:`pallas_kernels._policy`): the XLA
 path (the reference) until the kernel's compiled tests have passed on the platform, recorded in
@@ -22,7 +30,11 @@ import jax.numpy as jnp
 
 from pallas_kernels import _policy
 from pallas_kernels.flash_attention import kernel
-from pallas_kernels.flash_attention.reference import attention_reference, split_segment_ids
+from pallas_kernels.flash_attention.reference import (
+    attention_reference,
+    check_prefix,
+    split_segment_ids,
+)
 
 Array = jax.Array
 IMPLS = ("auto", "pallas", "xla")
@@ -76,8 +88,11 @@ def _fit_block(block: int, length: int, *, variant: str, interpret: bool, axis: 
 
 
 def make_spec(q_shape, k_shape, *, causal: bool, scale: float, segments: bool, variant: str,
-              interpret: bool, block_q: int | None, block_k: int | None) -> kernel.Spec:
-    """The static kernel description: tiles fitted to the lengths, padded lengths, launch params."""
+              interpret: bool, block_q: int | None, block_k: int | None,
+              n_prefix: int = 0) -> kernel.Spec:
+    """The static kernel description: tiles fitted to the lengths, padded lengths, launch params.
+    ``n_prefix``: prefix keys in front of the ``k_shape[1]`` real ones (0: none), padded to a
+    multiple of both key tiles."""
     _, T, H, K = q_shape
     S, G = k_shape[1], k_shape[2]
     where = "cpu" if interpret else variant
@@ -88,11 +103,12 @@ def make_spec(q_shape, k_shape, *, causal: bool, scale: float, segments: bool, v
             _fit_block(block_q or dq, T, variant=variant, interpret=interpret, axis="q"),
             _fit_block(block_k or dk, S, variant=variant, interpret=interpret, axis="k"))
     (bq, bk), (bq_b, bk_b) = fitted["fwd"], fitted["bwd"]
+    prefix_pad = _round_up(n_prefix, math.lcm(bk, bk_b)) if n_prefix else 0
     return kernel.Spec(
         variant=variant, causal=causal, scale=float(scale), t=T, s=S,
         t_pad=_round_up(T, math.lcm(bq, bq_b)), s_pad=_round_up(S, math.lcm(bk, bk_b)),
         rep=H // G, block_q=bq, block_k=bk, block_q_bwd=bq_b, block_k_bwd=bk_b,
-        segments=segments, interpret=interpret,
+        segments=segments, interpret=interpret, n_prefix=n_prefix, prefix_pad=prefix_pad,
         num_warps=4 if K <= 64 else 8, num_stages=2)
 
 
@@ -137,7 +153,9 @@ def _pad_axis(x: Array, axis: int, new: int, value=0) -> Array:
 
 
 def flash_attention(q_BTHK: Array, k_BSGK: Array, v_BSGK: Array, *, causal: bool = True,
-                    segment_ids=None, scale: float | None = None, block_q: int | None = None,
+                    segment_ids=None, prefix_k: Array | None = None,
+                    prefix_v: Array | None = None, scale: float | None = None,
+                    block_q: int | None = None,
                     block_k: int | None = None,
                     impl: Literal["auto", "pallas", "xla"] = "auto",
                     interpret: bool | None = None,
@@ -150,6 +168,10 @@ def flash_attention(q_BTHK: Array, k_BSGK: Array, v_BSGK: Array, *, causal: bool
       causal: query ``t`` sees keys ``s <= t`` (top-left aligned when ``T != S``).
       segment_ids: None, an int ``[B, T]`` array (``T == S``) or a pair ``(q_BT, kv_BS)``; a query
         attends only to keys with its id. A query that sees no key outputs zeros.
+      prefix_k, prefix_v: optional prefix keys and values ``[B, S_p, G, K]`` (``S_p >= 1``, any
+        size; k's dtype), given together: every query attends to all of them regardless of
+        ``causal`` and ``segment_ids`` (ParScale's per-layer prefixes; apply no RoPE to them).
+        The real keys keep their positions ``0 .. S-1`` for the causal test.
       scale: score scale; default ``K ** -0.5``.
       block_q, block_k: tile sizes for the forward and backward kernels; default per platform
         (``DEFAULT_BLOCKS``), shrunk for short sequences. Any length works: inputs are padded to a
@@ -162,8 +184,11 @@ def flash_attention(q_BTHK: Array, k_BSGK: Array, v_BSGK: Array, *, causal: bool
         grid schedule); default: the default backend's, "gpu" on CPU. Lets CPU tests run either.
 
     Returns:
-      ``[B, T, H, K]`` in ``q``'s dtype. Differentiable in ``q``, ``k``, ``v`` (a ``custom_vjp``
-      whose backward kernels recompute attention from the saved log-sum-exp).
+      ``[B, T, H, K]`` in ``q``'s dtype. Differentiable in ``q``, ``k``, ``v`` and the prefix (a
+      ``custom_vjp`` whose backward kernels recompute attention from the saved log-sum-exp).
+
+    Raises:
+      ValueError: on shapes, dtypes, blocks or options that do not fit, naming the argument.
     """
     impl = resolve_impl(impl)
     if q_BTHK.ndim != 4 or k_BSGK.ndim != 4 or v_BSGK.shape != k_BSGK.shape:
@@ -176,11 +201,12 @@ def flash_attention(q_BTHK: Array, k_BSGK: Array, v_BSGK: Array, *, causal: bool
                          "and G must divide H")
     if not (q_BTHK.dtype == k_BSGK.dtype == v_BSGK.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q_BTHK.dtype}, {k_BSGK.dtype}, {v_BSGK.dtype}")
+    n_prefix = check_prefix(prefix_k, prefix_v, k_BSGK)
     scale = K**-0.5 if scale is None else scale
     backend = jax.default_backend()
     if impl == "xla":
         return attention_reference(q_BTHK, k_BSGK, v_BSGK, causal=causal, segment_ids=segment_ids,
-                                   scale=scale)
+                                   prefix_k=prefix_k, prefix_v=prefix_v, scale=scale)
 
     variant = platform or ("tpu" if backend == "tpu" else "gpu")
     if variant not in PLATFORMS:
@@ -189,22 +215,28 @@ def flash_attention(q_BTHK: Array, k_BSGK: Array, v_BSGK: Array, *, causal: bool
     q_seg_BT, kv_seg_BS = split_segment_ids(segment_ids, T, S)
     spec = make_spec(q_BTHK.shape, k_BSGK.shape, causal=causal, scale=scale,
                      segments=q_seg_BT is not None, variant=variant, interpret=interpret,
-                     block_q=block_q, block_k=block_k)
+                     block_q=block_q, block_k=block_k, n_prefix=n_prefix)
 
     # Padding: sequences to whole tiles; the head dim to a power of two for Triton.
     k_pad = max(16, _next_pow2(K)) if variant == "gpu" else K
     q = _pad_axis(_pad_axis(q_BTHK, 1, spec.t_pad), 3, k_pad)
     k = _pad_axis(_pad_axis(k_BSGK, 1, spec.s_pad), 3, k_pad)
     v = _pad_axis(_pad_axis(v_BSGK, 1, spec.s_pad), 3, k_pad)
+    if n_prefix:  # [B, prefix_pad + s_pad, G, K]: the padded prefix, then the real keys
+        k = jnp.concatenate([_pad_axis(_pad_axis(prefix_k, 1, spec.prefix_pad), 3, k_pad), k], 1)
+        v = jnp.concatenate([_pad_axis(_pad_axis(prefix_v, 1, spec.prefix_pad), 3, k_pad), v], 1)
     q_seg = kv_seg = None
     if spec.segments:
         q_seg = _pad_axis(q_seg_BT, 1, spec.t_pad, -1)[:, :, None]
-        kv_seg = _pad_axis(kv_seg_BS, 1, spec.s_pad, -1)[:, None, :]
+        kv_seg = _pad_axis(kv_seg_BS, 1, spec.s_pad, -1)
+        if n_prefix:  # the prefix columns' ids are never used
+            kv_seg = jnp.pad(kv_seg, ((0, 0), (spec.prefix_pad, 0)), constant_values=-1)
+        kv_seg = kv_seg[:, None, :]
     if variant == "tpu":  # [B, H, T, K] layout; segment ids in (8, 128)-tileable shapes
         q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
         if spec.segments:
             q_seg = jnp.broadcast_to(q_seg, (B, spec.t_pad, kernel.TPU_LANES))
-            kv_seg = jnp.broadcast_to(kv_seg, (B, kernel.TPU_SUBLANES, spec.s_pad))
+            kv_seg = jnp.broadcast_to(kv_seg, (B, kernel.TPU_SUBLANES, kv_seg.shape[-1]))
     out = _flash(spec, q, k, v, q_seg, kv_seg)
     if variant == "tpu":
         out = jnp.swapaxes(out, 1, 2)
