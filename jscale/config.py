@@ -158,6 +158,10 @@ class TrainConfig:
         (default) is ``DIVERGENCE_FACTOR × ln(model.vocab_size)`` — three times the loss of predicting
         every token uniformly (16.6 nats for the 257-token byte vocabulary), a loss no training run
         reaches but a blown-up one does at once; ``inf`` counts only NaN/inf.
+      trainable: which parameters the optimizer updates: ``"all"``, or a group the model family
+        defines (ParScale's ``"parscale"``: only the prefixes and the aggregator, the backbone
+        frozen). Frozen parameters get no gradient (it is not computed) and no update — weight
+        decay included; their optimizer moments stay zero.
     """
 
     steps: int = 100
@@ -171,6 +175,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     flops_budget: float | None = None
     divergence_loss: float | None = None
+    trainable: str = "all"
 
     def __post_init__(self):
         _positive(self, "train", "steps", "batch_size", "seq_len", "log_every", "eval_batches",
@@ -237,6 +242,9 @@ class RunConfig:
 
     def __post_init__(self):
         family = registry.family_of(self.model)  # raises for an unregistered model config
+        groups = family.param_groups(self.model)
+        check(self.train.trainable in groups, "train.trainable",
+              f"must be one of {sorted(groups)} for this {family.name} model", self.train.trainable)
         max_len = family.max_seq_len(self.model)
         if max_len is not None:
             check(self.train.seq_len <= max_len, "train.seq_len",

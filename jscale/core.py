@@ -164,13 +164,30 @@ def loss_fn(params: Any, batch: dict[str, Array], model_cfg: Any, model_state: A
     return loss, metrics
 
 
+def trainable_keys(cfg: RunConfig) -> tuple[str, ...] | None:
+    """The top-level parameter keys ``train.trainable`` trains (``None``: all), from the family's
+    :meth:`~jscale.models.protocol.Family.param_groups`."""
+    return models.family_of(cfg.model).param_groups(cfg.model)[cfg.train.trainable]
+
+
+def _frozen(tree: dict[str, Any], keys: tuple[str, ...] | None, frozen) -> dict[str, Any]:
+    if keys is None:
+        return tree
+    return {k: (v if k in keys else jax.tree.map(frozen, v)) for k, v in tree.items()}
+
+
 def train_step(state: TrainState, batch: dict[str, Array], *, cfg: RunConfig,
                optimizer: optax.GradientTransformation) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer update (pure: jit it, or vmap it over members). The gradient is taken with
-    respect to the parameters only; the model state comes back updated from the forward pass."""
-    (loss, (aux, model_state)), grads = jax.value_and_grad(loss_and_state, has_aux=True)(
+    respect to the parameters only; the model state comes back updated from the forward pass.
+    With ``train.trainable`` a group, the other parameters are frozen: no gradient flows to them
+    (``stop_gradient``: XLA drops their backward matmuls) and their update is zero."""
+    keys = trainable_keys(cfg)
+    (loss, (aux, model_state)), grads = jax.value_and_grad(
+        lambda p, *a: loss_and_state(_frozen(p, keys, jax.lax.stop_gradient), *a), has_aux=True)(
         state.params, batch, cfg.model, state.model_state)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates = _frozen(updates, keys, jnp.zeros_like)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": optim.current_lr(state.opt_state, state.step, cfg.optim), **aux}

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jscale import core, files, optim, records
+from jscale import core, files, models, optim, records
 from jscale import data as data_lib
 from jscale import mesh as mesh_lib
 from jscale import sharding as sharding_lib
@@ -92,6 +92,52 @@ def load_state(cfg: RunConfig, out_dir: str | os.PathLike, step: int | None = No
         return ckpt.restore_state(step, like)
     finally:
         ckpt.close()
+
+
+def init_params_from(source: str | os.PathLike, cfg: RunConfig) -> Any:
+    """Parameters for ``cfg``'s model started from a trained checkpoint (two-stage training, e.g.
+    a ParScale model from its dense base): ``source`` is a jscale run directory (``config.json``
+    and ``checkpoints/``: its newest checkpoint) or a Hugging Face–format directory
+    (``config.json`` and ``*.safetensors``, read by :func:`jscale.hf.load`).
+
+    Every leaf of the source is copied into the same place of ``cfg``'s tree (cast to its dtype);
+    the leaves the source lacks (ParScale's prefixes and aggregator) are ``cfg``'s own fresh init
+    (``train.seed``). Raises :class:`ConfigError` when a shape differs (naming the leaf and both
+    shapes) or the source has a leaf ``cfg``'s model lacks. The source's non-gradient model state
+    (an MoE router bias) is not carried over.
+    """
+    src = Path(source)
+    if (src / "config.json").exists() and any(src.glob("*.safetensors")):
+        from jscale import hf
+        src_model, src_params = hf.load(src)
+    elif (src / "config.json").exists() and (src / "checkpoints").is_dir():
+        src_cfg = RunConfig.from_dict(json.loads((src / "config.json").read_text()))
+        src_model, src_params = src_cfg.model, load_state(src_cfg, src).params
+    else:
+        raise ConfigError(f"init-from {src}: neither a jscale run directory (config.json and "
+                          "checkpoints/) nor a Hugging Face checkpoint (config.json and "
+                          "*.safetensors)")
+    key = jax.random.split(jax.random.PRNGKey(cfg.train.seed))[0]  # init_state's init key
+    fresh = models.init(key, cfg.model)
+    got = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(src_params)}
+    extra = set(got) - {jax.tree_util.keystr(p) for p, _ in
+                        jax.tree_util.tree_leaves_with_path(fresh)}
+    if extra:
+        raise ConfigError(f"init-from {src}: the checkpoint has {sorted(extra)[:4]}, which this "
+                          f"model ({models.describe(cfg.model)}) lacks: it is not this model's base")
+
+    def take(path, x):
+        name = jax.tree_util.keystr(path)
+        if name not in got:
+            return x
+        y = got[name]
+        if tuple(np.shape(y)) != x.shape:
+            raise ConfigError(
+                f"init-from {src}: {name} is {list(np.shape(y))} in the checkpoint "
+                f"({models.describe(src_model)}) but {list(x.shape)} in this model "
+                f"({models.describe(cfg.model)})")
+        return jax.numpy.asarray(y, x.dtype)
+    return jax.tree_util.tree_map_with_path(take, fresh)
 
 
 # ---------------------------------------------------------------------------------------------------

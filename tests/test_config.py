@@ -116,13 +116,17 @@ class _DummyNested:
 
 
 class _DummyNestedFamily:
-    """A config-only family: all RunConfig asks of a family is its name, config and max_seq_len."""
+    """A config-only family: all RunConfig asks of a family is its name, config, max_seq_len and
+    parameter groups (what ``train.trainable`` may name)."""
 
     name = "dummy-nested"
     config_cls = _DummyNested
 
     def max_seq_len(self, cfg):
         return cfg.max_seq_len
+
+    def param_groups(self, cfg):
+        return {"all": None}
 
 
 @pytest.fixture

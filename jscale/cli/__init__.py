@@ -33,6 +33,11 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
     train.add_argument("--out", required=True, help="output directory (metrics, checkpoints, summary)")
     train.add_argument("--quiet", action="store_true", help="no progress bar or final summary line")
+    train.add_argument("--init-from", metavar="DIR", default=None,
+                       help="start from a trained checkpoint: a jscale run directory or a Hugging "
+                            "Face directory (config.json + *.safetensors); its parameters are "
+                            "copied, the rest (e.g. ParScale's prefixes and aggregator) fresh, the "
+                            "optimizer state new")
     add_distributed_arguments(train)
 
     sweep = sub.add_parser("sweep", help="run an experiment script's grid",
@@ -56,12 +61,13 @@ def _cmd_train(args) -> int:
     from jscale import presets
     from jscale.config import ConfigError, parse_overrides
     from jscale.mesh import initialize_from_args
-    from jscale.train import train
+    from jscale.train import init_params_from, train
 
     try:
         cfg = presets.get(args.preset).override(parse_overrides(args.overrides))
         initialize_from_args(args)
-        train(cfg, args.out, quiet=args.quiet)
+        init = None if args.init_from is None else init_params_from(args.init_from, cfg)
+        train(cfg, args.out, quiet=args.quiet, init_params=init)
     except KeyError as e:  # unknown preset
         print(f"jscale train: error: {e.args[0]}", file=sys.stderr)
         return 2

@@ -1,0 +1,293 @@
+"""ParScale (jscale.models.parscale): P = 1 ≡ the base, the official aggregation (h-major
+interleave, smoothed weights), equal prefixes ≡ one stream, the paper's parameter accounting,
+sharded ≡ unsharded, two-stage training (``--init-from``, ``train.trainable=parscale``), CLI
+training, resume after SIGKILL and bad input. The shared invariants (causality, document isolation,
+count ≡ tree, FLOPs vs XLA, scan ≡ loop, stable init) run on the family-table row in
+tests/test_families.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from families import PARSCALE_MICRO, TRANSFORMER_MICRO, tree_allclose
+from helpers import SLOW_STEPS, env, finish, metrics_rows, micro_cfg, train_args
+from tolerances import F32_GRAD, F32_REORDER, SHARDED_VS_SINGLE_LOSS
+
+import jscale
+from jscale import models, sharding
+from jscale.cli import main as cli_main
+from jscale.config import ConfigError
+from jscale.core import loss_fn, make_layout
+from jscale.models import parscale
+from jscale.models.parscale import ParScaleConfig
+from jscale.train import init_params_from, load_state
+
+B, T = 2, 9
+
+
+@pytest.fixture(scope="module")
+def tokens_BT():
+    return jax.random.randint(jax.random.PRNGKey(1), (B, T), 0, PARSCALE_MICRO.vocab_size)
+
+
+def _logits(params, tokens, cfg):
+    return jax.jit(lambda p, t: models.forward(p, t, cfg)[0])(params, tokens)
+
+
+def test_one_stream_is_the_base_model_exactly(tokens_BT):
+    cfg = dataclasses.replace(PARSCALE_MICRO, n_streams=1)
+    base = TRANSFORMER_MICRO
+    assert cfg.base == base
+    p, p_base = (models.init(jax.random.PRNGKey(0), c) for c in (cfg, base))
+    jax.tree.map(np.testing.assert_array_equal, p, p_base)  # same tree, same values
+    np.testing.assert_array_equal(_logits(p, tokens_BT, cfg), _logits(p_base, tokens_BT, base))
+    batch = {"inputs": tokens_BT[:, :-1], "targets": tokens_BT[:, 1:]}
+    g, g_base = (jax.grad(lambda q, c=c: loss_fn(q, batch, c)[0])(p) for c in (cfg, base))
+    jax.tree.map(np.testing.assert_array_equal, g, g_base)
+    assert models.count_params(cfg) == models.count_params(base)
+    assert models.flops_per_token(cfg, 64) == models.flops_per_token(base, 64)
+
+
+def test_streams_share_the_backbone_init():
+    """A ParScale model and its dense base made with one key share every base leaf."""
+    p = models.init(jax.random.PRNGKey(3), PARSCALE_MICRO)
+    p_base = models.init(jax.random.PRNGKey(3), TRANSFORMER_MICRO)
+    jax.tree.map(np.testing.assert_array_equal, {k: p[k] for k in p_base}, p_base)
+    assert set(p) - set(p_base) == {"prefix", "aggregator"}
+    np.testing.assert_array_equal(p["aggregator"]["w_out_DP"], 0.0)  # starts as the streams' mean
+
+
+def _numpy_aggregate(h_PBTD, a, eps, *, layout):
+    """The official aggregation in numpy: the input is ``rearrange("(n b) s h -> b s (h n)")`` —
+    feature j of stream p at column j·P + p (``layout="h_major"``) — or, wrongly, the streams
+    concatenated ``[H_0 | H_1 | …]`` (``layout="concat"``), against the same torch-shaped weight."""
+    P, Bn, Tn, D = h_PBTD.shape
+    w_in = a["w_in_DPD"].reshape(D * P, D)  # the official Linear's weight.T, columns j·P + p
+    if layout == "h_major":
+        x = h_PBTD.transpose(1, 2, 3, 0).reshape(Bn, Tn, D * P)
+    else:
+        x = h_PBTD.transpose(1, 2, 0, 3).reshape(Bn, Tn, P * D)
+    z = x @ w_in + a["b_in_D"]
+    z = z / (1 + np.exp(-z))
+    logits = z @ a["w_out_DP"] + a["b_out_P"]
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w = w / w.sum(-1, keepdims=True) * (1 - eps) + eps / P
+    return np.einsum("pbtd,btp->btd", h_PBTD, w), w
+
+
+def test_aggregation_is_the_official_h_major_interleave_and_weights_are_bounded():
+    P, D, eps = 3, 8, 0.1
+    ks = jax.random.split(jax.random.PRNGKey(5), 4)
+    a = {"w_in_DPD": 3 * jax.random.normal(ks[0], (D, P, D)),
+         "b_in_D": jax.random.normal(ks[1], (D,)),
+         "w_out_DP": 3 * jax.random.normal(ks[2], (D, P)), "b_out_P": jnp.arange(P, dtype=float)}
+    h = jax.random.normal(ks[3], (P, 2, 5, D))
+    got, w = parscale.aggregate({"aggregator": a}, h, eps)
+    an = jax.tree.map(np.asarray, a)
+    want, w_want = _numpy_aggregate(np.asarray(h), an, eps, layout="h_major")
+    np.testing.assert_allclose(got, want, **F32_REORDER)
+    np.testing.assert_allclose(w, w_want, **F32_REORDER)
+    concat, _ = _numpy_aggregate(np.asarray(h), an, eps, layout="concat")
+    assert np.abs(concat - want).max() > 1e-2  # the stream-concatenated reading is another model
+    w = np.asarray(w)
+    assert np.all(w >= eps / P - 1e-7) and np.all(w <= 1 - eps + eps / P + 1e-7)
+    np.testing.assert_allclose(w.sum(-1), 1.0, **F32_REORDER)
+
+
+def test_equal_prefixes_in_every_stream_give_the_single_stream_output(tokens_BT):
+    """Identical streams aggregate to themselves (the weights sum to 1): the model is then the base
+    transformer with one (per-row) prefix, whatever the aggregator does."""
+    cfg = PARSCALE_MICRO
+    p = models.init(jax.random.PRNGKey(0), cfg)
+    p["aggregator"] = jax.tree.map(lambda x: x + 0.3, p["aggregator"])  # non-uniform weights
+    one = jax.tree.map(lambda x: jnp.broadcast_to(x[:, :1], x.shape), p["prefix"])
+    p["prefix"] = one
+    got = _logits(p, tokens_BT, cfg)
+    base = cfg.base
+    attn = one["layers"]["attn"]
+    rows = {k.replace("LPGSK", "LBSGK"): jnp.repeat(v[:, :1].transpose(0, 1, 3, 2, 4), B, axis=1)
+            for k, v in attn.items()}
+    family = models.family_of(base)
+    h, _, _ = family.hidden(p, family.embed(p, tokens_BT, base), base, layer_inputs={"attn": rows})
+    np.testing.assert_allclose(got, family.head(p, h, base), **F32_REORDER)
+
+
+def test_streams_differ_and_every_stream_sees_its_own_prefix(tokens_BT):
+    cfg = PARSCALE_MICRO
+    p = models.init(jax.random.PRNGKey(0), cfg)
+
+    def loss(prefix):
+        return models.forward({**p, "prefix": prefix}, tokens_BT, cfg)[0][:, 0].sum()
+    g = jax.grad(loss)(p["prefix"])["layers"]["attn"]["prefix_k_LPGSK"]
+    # The first token of every stream attends to its stream's prefix in every layer.
+    assert np.all(np.abs(np.asarray(g)).sum((2, 3, 4)) > 0)
+
+
+def test_paper_accounting_of_the_4p4b_model():
+    """ParScale's 4.4B configuration (hidden 2560, 36 layers, 2 kv heads of 160, 48 prefix tokens):
+    P = 2 adds 2,211,840 prefix and 13,114,882 aggregator parameters."""
+    cfg = ParScaleConfig(vocab_size=151936, d_model=2560, n_layers=36, n_heads=16, n_kv_heads=2,
+                         head_dim=160, d_ff=9728, n_streams=2, n_prefix_tokens=48, qkv_bias=True)
+    assert parscale.count_new(cfg) == {"prefix": 2_211_840, "aggregator": 13_114_882}
+    counts, base = models.count_params(cfg), models.count_params(cfg.base)
+    assert counts["non_embedding"] - base["non_embedding"] == 2_211_840 + 13_114_882
+    assert counts["embedding"] == base["embedding"]
+    # FLOPs: P × the stack, the prefix attention, the aggregator, the head once.
+    f, fb = models.flops_per_token(cfg, 4096)["forward"], models.flops_per_token(cfg.base, 4096)
+    head = 2 * 2560 * 151936
+    prefix = 36 * 4 * 48 * 16 * 160
+    assert f == 2 * (fb["forward"] - head + prefix) + 2 * (2 * 2560 * 2560 + 2560 * 2) + head
+
+
+@pytest.mark.parametrize("updates, match", [
+    ({"model.n_streams": 0}, "model.n_streams"),
+    ({"model.n_prefix_tokens": -1}, "model.n_prefix_tokens"),
+    ({"model.smoothing": 1.0}, "model.smoothing"),
+    ({"model.smoothing": -0.1}, "model.smoothing"),
+    ({"train.trainable": "experts"}, "train.trainable"),
+])
+def test_bad_input_names_the_field(updates, match):
+    with pytest.raises(ConfigError, match=match):
+        jscale.presets.get("parscale-tiny").override(updates)
+
+
+def test_trainable_parscale_needs_streams():
+    with pytest.raises(ConfigError, match="train.trainable.*'all'"):
+        jscale.presets.get("parscale-tiny").override({"model.n_streams": 1,
+                                                      "train.trainable": "parscale"})
+
+
+def test_cli_keys_and_sweep_axes_reach_the_parscale_config():
+    cfg = micro_cfg(["model.n_streams=2", "model.smoothing=0.05"], preset="parscale-tiny")
+    assert (cfg.model.n_streams, cfg.model.smoothing) == (2, 0.05)
+    from jscale import sweep
+    runs = sweep.product(cfg, **{"model.n_streams": [1, 2, 4]})
+    assert [r.model.n_streams for r in runs] == [1, 2, 4]
+    from jscale.sweep.group import signature
+    assert len({signature(r) for r in runs}) == 3  # P is a shape: one group per P
+
+
+def test_sharded_loss_and_gradients_equal_unsharded():
+    cfg = micro_cfg(["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.batch_size=4",
+                     "train.seq_len=16", "model.n_prefix_tokens=3", "model.n_streams=2"],
+                    preset="parscale-tiny")
+    layout = make_layout(cfg)
+    params = models.init(jax.random.PRNGKey(0), cfg.model)
+    specs = sharding.tree_specs(params, layout.mesh)
+    assert specs["prefix"]["layers"]["attn"]["prefix_k_LPGSK"] == jax.sharding.PartitionSpec(
+        None, None, "tensor")  # the prefix's kv heads split like the real ones
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 17), 0, 257)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+    def loss(p, b):
+        return loss_fn(p, b, cfg.model)[0]
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss))(params, batch)
+    shardings = sharding.tree_shardings(params, layout.mesh)
+    got_loss, got_grads = jax.jit(sharding.traced_under(layout, jax.value_and_grad(loss)),
+                                  in_shardings=(shardings, layout.batch_sharding()),
+                                  out_shardings=(layout.replicated(), shardings))(params, batch)
+    np.testing.assert_allclose(got_loss, ref_loss, **SHARDED_VS_SINGLE_LOSS)
+    tree_allclose(got_grads, ref_grads, **F32_GRAD)
+
+
+# --- training: the CLI, two-stage training, resume ----------------------------------------------------
+
+MICRO = ["train.steps=12", "train.batch_size=4", "train.seq_len=32", "train.log_every=4",
+         "train.eval_every=12", "train.eval_batches=2", "train.checkpoint_every=6",
+         "optim.warmup_steps=2", "model.n_streams=2", "model.n_prefix_tokens=4"]
+DENSE = [s for s in MICRO if not s.startswith("model.")]
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    """``tiny`` (the parscale-tiny backbone) trained 12 steps: the first stage."""
+    out = tmp_path_factory.mktemp("dense")
+    assert cli_main(train_args(out, DENSE)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def parscale_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parscale_ref")
+    finish(subprocess.Popen([sys.executable, "-m", "jscale.cli",
+                             *train_args(out, MICRO, preset="parscale-tiny")], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return out
+
+
+def test_init_from_copies_the_base_exactly_and_one_stream_continues_it(dense_run):
+    dense_cfg = micro_cfg(DENSE)
+    dense = load_state(dense_cfg, dense_run).params
+    cfg = micro_cfg(MICRO, preset="parscale-tiny")
+    params = init_params_from(dense_run, cfg)
+    jax.tree.map(np.testing.assert_array_equal, {k: params[k] for k in dense}, dense)
+    fresh = models.init(jax.random.split(jax.random.PRNGKey(0))[0], cfg.model)
+    jax.tree.map(np.testing.assert_array_equal, params["prefix"], fresh["prefix"])
+    # P = 1: the same model as the dense run's final state, logits for logits.
+    one = micro_cfg(MICRO + ["model.n_streams=1"], preset="parscale-tiny")
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 16), 0, 257)
+    np.testing.assert_array_equal(_logits(init_params_from(dense_run, one), tokens, one.model),
+                                  _logits(dense, tokens, dense_cfg.model))
+
+
+def test_init_from_a_base_of_another_shape_names_both_shapes(dense_run):
+    cfg = micro_cfg(MICRO + ["model.d_ff=256"], preset="parscale-tiny")
+    with pytest.raises(ConfigError, match=r"w_down_LFD.*\[2, 384, 128\].*\[2, 256, 128\]"):
+        init_params_from(dense_run, cfg)
+    with pytest.raises(ConfigError, match="neither a jscale run directory"):
+        init_params_from(dense_run / "checkpoints", cfg)
+
+
+@pytest.mark.slow
+def test_frozen_backbone_trains_only_prefixes_and_aggregator(dense_run, tmp_path):
+    out = tmp_path / "frozen"
+    args = train_args(out, MICRO, "train.trainable=parscale", preset="parscale-tiny")
+    assert cli_main(args + ["--init-from", str(dense_run)]) == 0
+    cfg = micro_cfg(MICRO + ["train.trainable=parscale"], preset="parscale-tiny")
+    start, end = init_params_from(dense_run, cfg), load_state(cfg, out).params
+    for key in start:
+        same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), start[key],
+                                            end[key]))
+        assert all(same) if key not in ("prefix", "aggregator") else not any(same), key
+    rows = metrics_rows(out)
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    # The aggregator starts as the streams' mean (weights exactly 1/P = 0.5: w_out_DP is zero) and
+    # learns to mix them unevenly.
+    assert rows[-1]["stream_weight_max"] > 0.6
+
+
+@pytest.mark.slow
+def test_parscale_tiny_trains_from_the_cli_and_resumes_bitwise_after_sigkill(parscale_run,
+                                                                                tmp_path):
+    rows = metrics_rows(parscale_run)
+    assert [r["step"] for r in rows] == [4, 6, 8, 12]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    summary = json.loads((parscale_run / "summary.json").read_text())
+    cfg = micro_cfg(MICRO, preset="parscale-tiny")
+    assert summary["n_params"] == models.count_params(cfg.model)["total"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS,
+                             *train_args(out, MICRO, preset="parscale-tiny")], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None:  # past the first checkpoint (step 6), mid-training
+        if metrics.exists() and "\"step\": 8," in metrics.read_text():
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finish(subprocess.Popen([sys.executable, "-m", "jscale.cli",
+                             *train_args(out, MICRO, preset="parscale-tiny")], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    assert metrics_rows(out) == metrics_rows(parscale_run)
+    jax.tree.map(np.testing.assert_array_equal, load_state(cfg, out), load_state(cfg, parscale_run))
