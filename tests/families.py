@@ -186,7 +186,7 @@ FAMILIES = [
                     dataclasses.replace(PARSCALE_MICRO, d_model=128, n_heads=2, n_kv_heads=2,
                                         d_ff=256, vocab_size=257, n_streams=2, qkv_bias=True)),
         flops_overrides={}, flops_setup=None, flops_uncounted=lambda cfg: 0.0,
-        init_sha256="e0f4cbb1d13f07630d716d4d233549f411e5090370691f8c37ee810aac5a9b46",
+        init_sha256="c7f665eab2250035e32dffe975b3feb043ad5c7be90ef84a44f504d2897ac30a",
         describe="d_model=32 n_layers=2 n_heads=4 n_kv_heads=2 d_ff=64 n_streams=3 "
                  "n_prefix_tokens=4",
         notes="P streams of the transformer micro; the attention softmax over prefix + causal "

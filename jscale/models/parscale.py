@@ -105,24 +105,32 @@ def _layers_of(cfg: ParScaleConfig) -> dict[str, int]:
 
 def init_new(key: Array, cfg: ParScaleConfig) -> dict[str, Any]:
     """The ParScale leaves (``{"prefix": ..., "aggregator": ...}``) drawn from ``key`` (see the module
-    docstring); ``{}`` when ``n_streams == 1``."""
+    docstring; one truncated-normal draw serves every random leaf, laid end to end in model order,
+    then ``w_in_DPD``); ``{}`` when ``n_streams == 1``."""
     P, D, S, s = cfg.n_streams, cfg.d_model, cfg.n_prefix_tokens, cfg.init_scale
     if P == 1:
         return {}
     pd = jnp.dtype(cfg.param_dtype)
     steps = _layers_of(cfg)
-    subs = attention_sublayers(cfg)
-    keys = jax.random.split(key, 2 * len(subs) + 1)
-    prefix: dict[str, Any] = {}
-    for i, (stack, name, part) in enumerate(subs):
+    normal = []  # (path, shape, std)
+    for stack, name, part in attention_sublayers(cfg):
         shape = (steps[stack], P, part.n_kv_heads, S, part.head_dim)
-        prefix.setdefault(stack, {})[name] = {
-            "prefix_k_LPGSK": nn.truncated_normal(keys[2 * i], shape, s, pd),
-            "prefix_v_LPGSK": nn.truncated_normal(keys[2 * i + 1], shape, s, pd)}
-    aggregator = {"w_in_DPD": nn.truncated_normal(keys[-1], (D, P, D), s / math.sqrt(P * D), pd),
-                  "b_in_D": jnp.zeros((D,), pd), "w_out_DP": jnp.zeros((D, P), pd),
-                  "b_out_P": jnp.zeros((P,), pd)}
-    return {"prefix": prefix, "aggregator": aggregator}
+        normal += [(("prefix", stack, name, f"prefix_{kv}_LPGSK"), shape, s) for kv in "kv"]
+    normal.append((("aggregator", "w_in_DPD"), (D, P, D), s / math.sqrt(P * D)))
+    z = nn.truncated_normal(key, (sum(math.prod(shape) for _, shape, _ in normal),), 1.0,
+                            jnp.float32)
+    out: dict[str, Any] = {"aggregator": {"b_in_D": jnp.zeros((D,), pd),
+                                          "w_out_DP": jnp.zeros((D, P), pd),
+                                          "b_out_P": jnp.zeros((P,), pd)}}
+    offset = 0
+    for path, shape, std in normal:
+        size = math.prod(shape)
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = (z[offset:offset + size].reshape(shape) * std).astype(pd)
+        offset += size
+    return out
 
 
 def aggregate(params: dict[str, Any], h_PBTD: Array, smoothing: float) -> tuple[Array, Array]:
