@@ -25,7 +25,8 @@ def test_presets_listed_and_sized(tiny):
 
 
 def test_unknown_preset_lists_names():
-    with pytest.raises(KeyError, match="presets: mamba-small, mamba-tiny, moe-small, moe-tiny, parscale-tiny, small, tiny"):
+    with pytest.raises(KeyError, match="presets: mamba-small, mamba-tiny, moe-small, moe-tiny, "
+                                       "parscale-tiny, small, tiny"):
         jscale.presets.get("huge")
 
 

@@ -252,7 +252,8 @@ def test_builtin_table_loads_a_family_on_a_miss(tmp_path, monkeypatch):
         "import dataclasses\nfrom jscale import registry\n\n"
         "@dataclasses.dataclass(frozen=True, kw_only=True)\nclass FakeConfig:\n    vocab_size: int = 257\n\n"
         "class Fake:\n    name = 'fake'\n    config_cls = FakeConfig\n"
-        "    def max_seq_len(self, cfg):\n        return None\n\n"
+        "    def max_seq_len(self, cfg):\n        return None\n"
+        "    def param_groups(self, cfg):\n        return {'all': None}\n\n"
         "registry.register(Fake())\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(registry.BUILTIN, "fake", "jscale_fake_family")

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jscale import registry
@@ -19,10 +20,10 @@ from jscale.models.mamba import MambaConfig
 from jscale.models.protocol import Family
 from jscale.models.transformer import TransformerConfig
 
-__all__ = ["Family", "MambaConfig", "TransformerConfig", "apply", "count_params", "describe",
-           "dim_fields", "family_flops_per_token", "family_of", "flops_per_token", "forward", "init",
-           "init_model_state", "init_scale", "mamba", "max_seq_len", "memory_bytes", "scale_init",
-           "shape_for_params", "transformer"]
+__all__ = ["Family", "MambaConfig", "TransformerConfig", "apply", "count_params", "decode_init",
+           "decode_step", "describe", "dim_fields", "family_flops_per_token", "family_of",
+           "flops_per_token", "forward", "generate", "init", "init_model_state", "init_scale",
+           "mamba", "max_seq_len", "memory_bytes", "scale_init", "shape_for_params", "transformer"]
 
 Array = jax.Array
 
@@ -64,6 +65,61 @@ def apply(params: dict[str, Any], tokens_BT: Array, cfg: Any, *,
     """Run the model: ``(logits_BTV, aux)``; ``aux`` holds auxiliary losses/metrics (may be empty)."""
     logits_BTV, aux, _ = forward(params, tokens_BT, cfg, segment_ids_BT=segment_ids_BT)
     return logits_BTV, aux
+
+
+def decode_init(params: dict[str, Any], cfg: Any, batch_size: int, max_len: int) -> Any:
+    """An empty incremental-decode cache for ``batch_size`` rows and up to ``max_len`` tokens (a
+    pytree of arrays; for the scaffold's families the layout of :mod:`jscale.models.decode`)."""
+    return family_of(cfg).decode_init(params, cfg, batch_size, max_len)
+
+
+def decode_step(params: dict[str, Any], token_B: Array, cache: Any, cfg: Any, *,
+                model_state: Any = None) -> tuple[Array, Any]:
+    """One token per row after those ``cache`` holds → ``(logits_BV float32, advanced cache)``.
+    Jittable with the cache donated (``jax.jit(..., donate_argnums=2)``); ``model_state`` (``None``:
+    the initial state) is read, not updated. Past the cache's capacity a scaffold family returns NaN
+    logits under ``jit`` and raises outside it."""
+    return family_of(cfg).decode_step(params, token_B, cache, cfg, model_state=model_state)
+
+
+def generate(params: dict[str, Any], prompt_BT: Array, cfg: Any, n_new: int, *,
+             max_len: int | None = None, model_state: Any = None) -> tuple[Array, Array]:
+    """Greedy decoding, one compiled program: the prompt fed token by token from
+    :func:`decode_init`, then ``n_new`` tokens, each the argmax of the logits after the one before.
+    Returns ``(new_BT int32 [B, n_new], logits_BTV float32 [B, n_new, V])``: the new tokens and the
+    logits each was chosen from. ``max_len`` (default: prompt + ``n_new``) is the cache's capacity;
+    a prompt and ``n_new`` that do not fit raise here."""
+    B, T = prompt_BT.shape
+    if T < 1 or n_new < 1:
+        raise ValueError(f"generate: the prompt ({T} tokens) and n_new={n_new} must be >= 1")
+    max_len = T + n_new if max_len is None else max_len
+    if T + n_new > max_len:
+        raise ValueError(f"generate: a {T}-token prompt and n_new={n_new} tokens need a cache of "
+                         f"{T + n_new} tokens; max_len={max_len}")
+    return _jitted_generate(family_of(cfg))(params, jnp.asarray(prompt_BT, jnp.int32), model_state,
+                                            cfg, n_new, max_len)
+
+
+@functools.cache
+def _jitted_generate(family: Family):
+    def run(params, prompt_BT, model_state, cfg, n_new, max_len):
+        def step(cache, token_B):
+            logits_BV, cache = family.decode_step(params, token_B, cache, cfg,
+                                                  model_state=model_state)
+            return cache, logits_BV
+
+        cache = family.decode_init(params, cfg, prompt_BT.shape[0], max_len)
+        cache, logits_TBV = jax.lax.scan(step, cache, prompt_BT.T)
+
+        def pick(carry, _):
+            cache, logits_BV = carry
+            token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+            cache, next_BV = step(cache, token_B)
+            return (cache, next_BV), (token_B, logits_BV)
+        # The last step feeds the last new token (its logits unused): the cache ends holding all.
+        _, (new_TB, logits_TBV) = jax.lax.scan(pick, (cache, logits_TBV[-1]), None, length=n_new)
+        return new_TB.T, logits_TBV.transpose(1, 0, 2)
+    return jax.jit(run, static_argnums=(3, 4, 5))
 
 
 def count_params(cfg: Any) -> dict[str, int]:

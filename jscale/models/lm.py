@@ -43,6 +43,8 @@ single-stack model), hands each layer its slice, collects the updated slices and
 scanned alongside the parameters; each part gets its layer's slice as ``layer_input`` (how
 ParScale's per-layer prefix keys/values reach attention). A model of several stacks takes them per
 stack, ``{stack_key: {sublayer_name: pytree}}`` (each with its stack's ``L``).
+
+**Decode** (one token at a time, per-layer caches): :mod:`jscale.models.decode`.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from jscale import nn
-from jscale.models import sizing
+from jscale.models import decode, sizing
 from jscale.models.parts.base import Const, Context, Normal, Uniform
 from jscale.models.spec import (  # noqa: F401  (re-exported: lm.LMSpec, lm.Sublayer, ...)
     DTYPES,
@@ -340,6 +342,16 @@ class LMFamily:
 
     def head(self, params: dict[str, Any], x_BTD: Array, cfg: Any) -> Array:
         return head(params, x_BTD, self.spec(cfg))
+
+    def decode_init(self, params: dict[str, Any], cfg: Any, batch_size: int, max_len: int) -> Any:
+        return decode.init_cache(self.spec(cfg), batch_size, max_len)
+
+    def decode_step(self, params: dict[str, Any], token_B: Array, cache: Any, cfg: Any, *,
+                    model_state: Any = None) -> tuple[Array, Any]:
+        spec = self.spec(cfg)
+        h_BD, cache = decode.hidden_step(params, embed(params, token_B[:, None], spec)[:, 0],
+                                         cache, spec, model_state=model_state)
+        return logits(params, h_BD, spec), cache
 
     def scale_init(self, params: dict[str, Any], init_scale: Array, cfg: Any) -> dict[str, Any]:
         return scale_init(params, init_scale, self.spec(cfg))

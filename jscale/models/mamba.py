@@ -205,6 +205,16 @@ class MambaFamily(lm.LMFamily):
     def max_seq_len(self, cfg: MambaConfig) -> None:
         return None
 
+    def decode_init(self, params: dict[str, Any], cfg: MambaConfig, batch_size: int,
+                    max_len: int) -> dict[str, Array]:
+        """:func:`init_state` (recurrent: O(1) in the length, so ``max_len`` bounds nothing)."""
+        return init_state(cfg, batch_size)
+
+    def decode_step(self, params: dict[str, Any], token_B: Array, cache: dict[str, Array],
+                    cfg: MambaConfig, *, model_state: Any = None) -> tuple[Array, dict[str, Array]]:
+        """:func:`step` (Mamba has no model state)."""
+        return step(params, token_B, cache, cfg)
+
 
 FAMILY = registry.register(MambaFamily())
 

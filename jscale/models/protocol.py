@@ -58,6 +58,18 @@ class Family(Protocol):
     def head(self, params: Params, x_BTD: Array, cfg: Any) -> Array:
         """Final-normed hidden states → ``logits_BTV`` in float32."""
 
+    def decode_init(self, params: Params, cfg: Any, batch_size: int, max_len: int) -> Any:
+        """An empty incremental-decode cache (a pytree of arrays only, its capacity fixed by its
+        shapes) for ``batch_size`` rows and up to ``max_len`` tokens; ``params`` may fill it (a
+        family's own prefix keys/values). Scaffold families: :mod:`jscale.models.decode`."""
+
+    def decode_step(self, params: Params, token_B: Array, cache: Any, cfg: Any, *,
+                    model_state: Any = None) -> tuple[Array, Any]:
+        """One token per row (``token_B``, int) after the tokens ``cache`` holds → ``(logits_BV
+        float32, the cache advanced by one token)``; jittable with ``cache`` donated. Fed a
+        sequence token by token from :meth:`decode_init`, it gives the full pass's logits at every
+        position. ``model_state`` (``None``: :meth:`init_model_state`) is read, not updated."""
+
     def count_params(self, cfg: Any) -> dict[str, int]:
         """Analytic counts ``{"total", "non_embedding", "embedding", "with_head", "active"}``
         (``active``: parameters used per token; equal to ``total`` for dense families)."""

@@ -11,6 +11,14 @@ per-stream prefixes, :mod:`jscale.models.parscale`). Either per row, ``{"prefix_
 "prefix_v_BSGK"}`` (``[B, S_prefix, G, K]``), or per stream, ``{"prefix_k_PGSK", "prefix_v_PGSK"}``
 (``[P, G, S_prefix, K]``, the official layout), for a batch whose rows are ``P`` streams,
 stream-major (row ``p·(B/P) + b`` is stream ``p``). Both attention paths take a prefix.
+
+**Decode** (:mod:`jscale.models.decode`): a KV cache per layer, ``k_BSGK`` / ``v_BSGK`` in the
+compute dtype with ``S = n_prefix + max_len`` slots, and ``n_prefix`` (int32). ``init_cache`` writes
+the layer input's prefix (either form above, as rows) into the first ``n_prefix`` slots, unrotated;
+the real token at position ``t`` lives at slot ``n_prefix + t`` with RoPE at position ``t``. A step
+writes its token's key/value, then its query attends to every prefix slot and the real slots up to
+its own: the full pass's keys, in the same order. Past ``max_len`` the write lands on the last slot
+(``dynamic_update_slice`` clamps): :mod:`jscale.models.decode` makes such a step's output NaN.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ def attention(q_BTHK: Array, k_BSGK: Array, v_BSGK: Array, *, segment_ids_BT: Ar
         from pallas_kernels.flash_attention import flash_attention
 
         def kernel(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, *prefix_BSGK):
-            kw = dict(zip(("prefix_k", "prefix_v"), prefix_BSGK))
+            kw = dict(zip(("prefix_k", "prefix_v"), prefix_BSGK, strict=False))  # none or both
             return flash_attention(q_BTHK, k_BSGK, v_BSGK, causal=True,
                                    segment_ids=segment_ids_BT, impl="pallas", **kw)
         # On a mesh the kernel runs on each device's batch rows and heads (kv heads split alike).
@@ -123,7 +131,18 @@ class Attention(Part):
     def apply(self, p: dict[str, Any], h_BTD: Array, ctx: Context, *, prepared: Any = None,
               state: Any = None, layer_input: Any = None) -> tuple[Array, dict, Any]:
         dt = h_BTD.dtype
-        sin_BTk, cos_BTk = prepared
+        q_BTHK, k_BTGK, v_BTGK = self._qkv(p, h_BTD, *prepared)
+        prefix_k_BSGK, prefix_v_BSGK = prefix_rows(layer_input or {}, h_BTD.shape[0])
+        ctx_BTHK = attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT=ctx.segment_ids_BT,
+                             impl=self.impl, prefix_k_BSGK=prefix_k_BSGK,
+                             prefix_v_BSGK=prefix_v_BSGK)
+        ctx_BTHK = checkpoint_name(ctx_BTHK, "attn_context")
+        return jnp.einsum("bthk,hkd->btd", ctx_BTHK, p["w_o_HKD"].astype(dt)), {}, {}
+
+    def _qkv(self, p: dict[str, Any], h_BTD: Array, sin_BTk: Array,
+             cos_BTk: Array) -> tuple[Array, Array, Array]:
+        """Queries, keys (both RoPE'd) and values of ``h_BTD``."""
+        dt = h_BTD.dtype
         q_BTHK = jnp.einsum("btd,dhk->bthk", h_BTD, p["w_q_DHK"].astype(dt))
         k_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, p["w_k_DGK"].astype(dt))
         v_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, p["w_v_DGK"].astype(dt))
@@ -137,12 +156,44 @@ class Attention(Part):
         q_BTHK = constrain(nn.apply_rope(q_BTHK, sin_BTk, cos_BTk), "BTHK")
         k_BTGK = constrain(nn.apply_rope(k_BTGK, sin_BTk, cos_BTk), "BTGK")
         v_BTGK = constrain(v_BTGK, "BTGK")
-        prefix_k_BSGK, prefix_v_BSGK = prefix_rows(layer_input or {}, h_BTD.shape[0])
-        ctx_BTHK = attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT=ctx.segment_ids_BT,
-                             impl=self.impl, prefix_k_BSGK=prefix_k_BSGK,
-                             prefix_v_BSGK=prefix_v_BSGK)
-        ctx_BTHK = checkpoint_name(ctx_BTHK, "attn_context")
-        return jnp.einsum("bthk,hkd->btd", ctx_BTHK, p["w_o_HKD"].astype(dt)), {}, {}
+        return q_BTHK, k_BTGK, v_BTGK
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: Any, *,
+                   layer_input: Any = None) -> dict[str, Array]:
+        """One layer's KV cache (see the module docstring, **Decode**): ``k_BSGK`` / ``v_BSGK`` with
+        ``S = n_prefix + max_len`` slots, the layer input's prefix (if any) in the first
+        ``n_prefix``, and ``n_prefix`` (int32)."""
+        G, K = self.n_kv_heads, self.head_dim
+        prefix_k_BSGK, prefix_v_BSGK = prefix_rows(layer_input or {}, batch_size)
+        n_prefix = 0 if prefix_k_BSGK is None else prefix_k_BSGK.shape[1]
+        out = {}
+        for name, prefix_BSGK in (("k_BSGK", prefix_k_BSGK), ("v_BSGK", prefix_v_BSGK)):
+            x_BSGK = jnp.zeros((batch_size, n_prefix + max_len, G, K), dtype)
+            if n_prefix:
+                x_BSGK = x_BSGK.at[:, :n_prefix].set(prefix_BSGK.astype(dtype))
+            out[name] = constrain(x_BSGK, "BSGK")
+        out["n_prefix"] = jnp.asarray(n_prefix, jnp.int32)
+        return out
+
+    def decode(self, p: dict[str, Any], h_BD: Array, cache: dict[str, Array], pos: Array, *,
+               prepared: Any = None, state: Any = None) -> tuple[Array, dict[str, Array]]:
+        """The token at position ``pos``: its key/value written to slot ``n_prefix + pos``, its query
+        against the prefix slots and the filled slots up to its own (``impl`` "xla" whatever
+        ``self.impl``: one query per row)."""
+        dt = h_BD.dtype
+        q_BTHK, k_BTGK, v_BTGK = self._qkv(p, h_BD[:, None], *prepared)
+        slot = cache["n_prefix"] + pos
+        k_BSGK = jax.lax.dynamic_update_slice_in_dim(
+            cache["k_BSGK"], k_BTGK.astype(cache["k_BSGK"].dtype), slot, axis=1)
+        v_BSGK = jax.lax.dynamic_update_slice_in_dim(
+            cache["v_BSGK"], v_BTGK.astype(cache["v_BSGK"].dtype), slot, axis=1)
+        k_BSGK, v_BSGK = constrain(k_BSGK, "BSGK"), constrain(v_BSGK, "BSGK")
+        seen_S = jnp.arange(k_BSGK.shape[1]) <= slot
+        ctx_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSGK.astype(dt), v_BSGK.astype(dt),
+                                                mask=seen_S[None, None, None],
+                                                implementation="xla")
+        y_BTD = jnp.einsum("bthk,hkd->btd", ctx_BTHK, p["w_o_HKD"].astype(dt))
+        return y_BTD[:, 0], {**cache, "k_BSGK": k_BSGK, "v_BSGK": v_BSGK}
 
     def count(self) -> int:
         D, H, G, K = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim

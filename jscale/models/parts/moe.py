@@ -236,7 +236,10 @@ def expert_parallel(p: dict[str, Array], h_TD: Array, idx_Tk: Array, gates_Tk: A
 class MoE(Part):
     """The MoE FFN part (see the module docstring). ``out_div`` further divides the down
     projections' init std (the family's residual-depth rescale); ``init_scale`` multiplies every
-    leaf's std (the router's too)."""
+    leaf's std (the router's too). Decode (dropless only): the default position-wise methods of
+    :class:`~jscale.models.parts.base.Part`, the router bias read for selection, not updated."""
+
+    position_wise = True  # dropless; capacity mode is refused by init_cache and decode
 
     d_model: int
     n_experts: int
@@ -272,6 +275,25 @@ class MoE(Part):
 
     def init_state(self) -> dict[str, Array]:
         return {"bias_E": jnp.zeros((self.n_experts,), jnp.float32)}
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: Any, *,
+                   layer_input: Any = None) -> Any:
+        """The default (position-wise) decode cache; refuses capacity mode."""
+        self._check_dropless()
+        return super().init_cache(batch_size, max_len, dtype, layer_input=layer_input)
+
+    def decode(self, p: dict[str, Any], h_BD: Array, cache: Any, pos: Array, *,
+               prepared: Any = None, state: Any = None) -> tuple[Array, Any]:
+        """The default (position-wise) decode step; refuses capacity mode."""
+        self._check_dropless()
+        return super().decode(p, h_BD, cache, pos, prepared=prepared, state=state)
+
+    def _check_dropless(self) -> None:
+        if self.capacity_factor is not None:
+            raise ValueError(
+                "MoE decode needs the dropless dispatch (model.moe.capacity_factor=None): with "
+                f"model.moe.capacity_factor={self.capacity_factor} which tokens drop depends on the "
+                "whole batch, so a one-token step would not match the full pass")
 
     def apply(self, p: dict[str, Any], h_BTD: Array, ctx: Context, *, prepared: Any = None,
               state: Any = None, layer_input: Any = None) -> tuple[Array, dict, Any]:

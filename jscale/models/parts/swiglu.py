@@ -20,7 +20,10 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class SwiGLU(Part):
     """SwiGLU FFN part of width ``d_ff``. ``out_div`` further divides ``w_down``'s init std (the
-    family's residual-depth rescale); ``init_scale`` multiplies every leaf's std."""
+    family's residual-depth rescale); ``init_scale`` multiplies every leaf's std. Position-wise:
+    decodes with the default methods of :class:`~jscale.models.parts.base.Part`."""
+
+    position_wise = True
 
     d_model: int
     d_ff: int
