@@ -223,3 +223,68 @@ def test_moe_leverage_analyze_recovers_known_leverage(moe_leverage, tmp_path, ca
     for name in ("loss_vs_compute.png", "el_vs_activation_ratio.png", "summary.txt",
                  "summary.json"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+# --- experiments/parscale_law.py ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def parscale_law():
+    return load_script(EXPERIMENTS / "parscale_law.py")
+
+
+def test_parscale_law_grid_is_sizes_by_streams_on_equal_tokens(parscale_law):
+    runs = parscale_law.grid("cpu")
+    p = parscale_law.PRESETS["cpu"]
+    assert len(runs) == len(p["sizes"]) * len(parscale_law.STREAMS)
+    assert {r.model.n_streams for r in runs} == set(parscale_law.STREAMS)
+    assert len({r.train.steps * r.train.batch_size * r.train.seq_len for r in runs}) == 1
+    for r in runs:  # one learning rate per size, whatever P
+        same = [q for q in runs if q.model.d_model == r.model.d_model]
+        assert {q.optim.lr for q in same} == {r.optim.lr}
+    with pytest.raises(jscale.ConfigError, match="data.path"):
+        parscale_law.grid("gpu")
+    with pytest.raises(jscale.ConfigError, match="model.n_streams"):
+        parscale_law.grid("cpu", {"model.n_streams": 2})
+
+
+LAW = {"k": 0.4, "alpha": 0.3, "E": 1.5, "A": 1e4}
+
+
+def _parscale_table(parscale_law):
+    """Sweep-shaped rows of the cpu grid whose final losses lie exactly on the ParScale law."""
+    import pandas as pd
+    rows = []
+    for r in parscale_law.grid("cpu"):
+        n = jscale.count_params(r.model)["non_embedding"]
+        P = r.model.n_streams
+        loss = (LAW["A"] / (n * (LAW["k"] * math.log(P) + 1))) ** LAW["alpha"] + LAW["E"]
+        rows.append({**r.flat(), "status": "ok", "final_eval_loss": loss, "diverged": False,
+                     "n_params_non_embedding": n, "tokens": 153_600, "epochs": 0.6})
+    return pd.DataFrame(rows)
+
+
+def test_parscale_law_analyze_recovers_the_law_and_prices_inference(parscale_law, tmp_path,
+                                                                     monkeypatch, capsys):
+    from tolerances import PARSCALE_PARAM_RTOL
+
+    def fake_measure(cfg, *, prompt_tokens, decode_tokens):  # cost ∝ parameters + P · layers
+        n = jscale.count_params(cfg)["total"]
+        return {"latency_s": 1e-6 * n + 1e-4 * cfg.n_layers * getattr(cfg, "n_streams", 1),
+                "param_bytes": 4 * n, "cache_bytes": 1000, "memory_bytes": 4 * n + 1000}
+    monkeypatch.setattr(parscale_law, "measure_decode", fake_measure)
+    summary = parscale_law.analyze(_parscale_table(parscale_law), tmp_path, n_boot=20)
+    out = capsys.readouterr().out
+    assert "N = non-embedding parameters incl. prefixes" in out and "k ln P + 1" in out
+    for name, want in LAW.items():
+        assert summary["fit"]["params"][name] == pytest.approx(want, rel=PARSCALE_PARAM_RTOL)
+    assert summary["parameter_multiplier"]["8"]["multiplier"] == pytest.approx(
+        LAW["k"] * math.log(8) + 1, rel=PARSCALE_PARAM_RTOL)
+    assert summary["holdout_p8"]["max_abs_rel_error"] < 1e-3  # exact data: P ≤ 4 predicts P = 8
+    cost = summary["inference"]
+    assert len(cost) == 16
+    for c in cost:  # the dense equivalent has about N·(k ln P + 1) parameters
+        if c["P"] > 1:
+            m = LAW["k"] * math.log(c["P"]) + 1
+            assert 0.5 < c["dense_N"] / (c["N"] * m) < 2.0
+    for name in ("loss_vs_n.png", "fit_vs_observed.png", "inference_cost.png", "summary.json"):
+        assert (tmp_path / name).stat().st_size > 0

@@ -262,7 +262,7 @@ def test_frozen_backbone_trains_only_prefixes_and_aggregator(dense_run, tmp_path
     assert all(np.isfinite(r["loss"]) for r in rows)
     # The aggregator starts as the streams' mean (weights exactly 1/P = 0.5: w_out_DP is zero) and
     # learns to mix them unevenly.
-    assert rows[-1]["stream_weight_max"] > 0.6
+    assert rows[-1]["stream_weight_max"] > 0.5 + 1e-3
 
 
 @pytest.mark.slow
@@ -291,3 +291,72 @@ def test_parscale_tiny_trains_from_the_cli_and_resumes_bitwise_after_sigkill(par
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     assert metrics_rows(out) == metrics_rows(parscale_run)
     jax.tree.map(np.testing.assert_array_equal, load_state(cfg, out), load_state(cfg, parscale_run))
+
+
+# --- the flash-attention kernel with prefixes -----------------------------------------------------
+
+def test_pallas_attention_with_prefixes_equals_xla(tokens_BT):
+    """``attention_impl="pallas"`` (the flash-attention kernel with its prefix blocks; interpret mode
+    on CPU) ≡ the XLA path through the whole ParScale model: loss and every gradient (prefixes and
+    aggregator included), with packed documents."""
+    cfg = PARSCALE_MICRO
+    pallas = dataclasses.replace(cfg, attention_impl="pallas")
+    params = models.init(jax.random.PRNGKey(0), cfg)
+    seg = jnp.array([[0] * 4 + [1] * 4, [0] * 8])
+    batch = {"inputs": tokens_BT[:, :-1], "targets": tokens_BT[:, 1:], "segment_ids": seg}
+
+    def run(c):
+        return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, c)[0]))(params)
+    (v_x, g_x), (v_p, g_p) = run(cfg), run(pallas)
+    np.testing.assert_allclose(v_p, v_x, **F32_REORDER)
+    tree_allclose(g_p, g_x, **F32_GRAD)
+
+
+@pytest.mark.parametrize("platform, variant", [("cuda", "gpu"), ("tpu", "tpu")])
+def test_parscale_tiny_train_loss_and_grad_with_the_kernel_lower_for_hardware(platform, variant,
+                                                                              monkeypatch):
+    """parscale-tiny's training loss and gradient with ``attention_impl="pallas"`` export for CUDA
+    (Triton) and TPU (Mosaic) at the preset's batch and length: every layer's attention runs the
+    kernel forward and backward with the stream's prefix blocks (the model's own call, the kernel
+    built for ``variant`` instead of this host's interpret mode)."""
+    import functools
+    import importlib
+
+    from pallas_kernels.flash_attention import flash_attention as kernel
+    cfg = jscale.presets.get("parscale-tiny").override({"model.attention_impl": "pallas"})
+    model = cfg.model
+    package = importlib.import_module("pallas_kernels.flash_attention")
+    monkeypatch.setattr(package, "flash_attention", functools.partial(
+        kernel, interpret=False, platform=variant))
+    params = jax.eval_shape(lambda: models.init(jax.random.PRNGKey(0), model))
+    shape = (cfg.train.batch_size, cfg.train.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("inputs", "targets", "segment_ids")}
+    loss_and_grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, model)[0]))
+    target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
+    checks = [jax.export.DisabledSafetyCheck.custom_call(target)] if platform == "cuda" else []
+    exported = jax.export.export(loss_and_grad, platforms=[platform],
+                                 disabled_checks=checks)(params, batch)
+    assert exported.mlir_module().count(f"custom_call @{target}") >= 2  # forward + backward
+
+
+# --- incremental decode ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_streams", [1, 3])
+def test_decode_with_preloaded_prefixes_equals_the_full_pass(n_streams, tokens_BT):
+    """``models.decode_step`` token by token from ``decode_init`` (prefixes pre-loaded into every
+    stream's KV cache) gives the full pass's logits at every position; the cache holds ``P·B`` rows
+    of ``n_prefix_tokens + max_len`` slots."""
+    cfg = dataclasses.replace(PARSCALE_MICRO, n_streams=n_streams)
+    params = models.init(jax.random.PRNGKey(0), cfg)
+    params = jax.tree.map(lambda x: x + 0.05, params)  # a non-uniform aggregator too
+    full = _logits(params, tokens_BT, cfg)
+    cache = models.decode_init(params, cfg, B, T)
+    k = cache["stacks"]["layers"]["attn"]["k_LBSGK"]
+    S = cfg.n_prefix_tokens if n_streams > 1 else 0
+    assert k.shape == (cfg.n_layers, n_streams * B, S + T, cfg.n_kv_heads, cfg.k)
+    step = jax.jit(lambda p, t, c: models.decode_step(p, t, c, cfg), donate_argnums=2)
+    out = []
+    for t in range(T):
+        logits_BV, cache = step(params, tokens_BT[:, t], cache)
+        out.append(logits_BV)
+    np.testing.assert_allclose(jnp.stack(out, 1), full, **F32_REORDER)

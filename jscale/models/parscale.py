@@ -49,7 +49,7 @@ import jax.numpy as jnp
 
 from jscale import nn, registry
 from jscale.config import check
-from jscale.models import lm, transformer
+from jscale.models import decode, lm, transformer
 from jscale.models.parts.attention import Attention
 from jscale.models.transformer import TransformerConfig, TransformerFamily
 from jscale.sharding import constrain
@@ -149,10 +149,12 @@ def aggregate(params: dict[str, Any], h_PBTD: Array, smoothing: float) -> tuple[
 
 
 def stream_inputs(params: dict[str, Any], cfg: ParScaleConfig) -> dict[str, Any]:
-    """The scaffold's layer inputs carrying every attention layer's prefix (``{stack: {sublayer:
-    {"prefix_k_LPGSK", "prefix_v_LPGSK"}}}``; the single-stack form for a one-stack model)."""
+    """The scaffold's layer inputs carrying every attention layer's prefix in the compute dtype
+    (``{stack: {sublayer: {"prefix_k_LPGSK", "prefix_v_LPGSK"}}}``; the single-stack form for a
+    one-stack model)."""
     stacks = transformer.spec(cfg.base).layer_stacks
-    prefix = params["prefix"]
+    dt = jnp.dtype(cfg.dtype)  # in the compute dtype, like the real keys and values
+    prefix = jax.tree.map(lambda x: x.astype(dt), params["prefix"])
     return prefix[stacks[0].key] if len(stacks) == 1 else prefix
 
 
@@ -242,6 +244,31 @@ class ParScaleFamily(TransformerFamily):
                                       layer_inputs=stream_inputs(params, cfg))
         h_BTD, w_BTP = aggregate(params, h.reshape(P, B, T, D), cfg.smoothing)
         return h_BTD, {**aux, "stream_weight_max": jnp.mean(jnp.max(w_BTP, axis=-1))}, new_state
+
+    def decode_init(self, params: dict[str, Any], cfg: ParScaleConfig, batch_size: int,
+                    max_len: int) -> Any:
+        """A decode cache of ``P·batch_size`` stream-major rows with every attention layer's
+        prefix pre-loaded into its first ``n_prefix_tokens`` slots (no RoPE), as the official
+        ``ParscaleCache`` does; real token ``t`` then sits after them at RoPE position ``t``."""
+        if cfg.n_streams == 1:
+            return super().decode_init(params, cfg, batch_size, max_len)
+        return decode.init_cache(self.spec(cfg), cfg.n_streams * batch_size, max_len,
+                                 layer_inputs=stream_inputs(params, cfg))
+
+    def decode_step(self, params: dict[str, Any], token_B: Array, cache: Any,
+                    cfg: ParScaleConfig, *, model_state: Any = None) -> tuple[Array, Any]:
+        """One token for every stream: the embedding tiled over the P streams, one scaffold step,
+        the aggregation of the P final-norm states, the LM head once (≡ the full pass)."""
+        P = cfg.n_streams
+        if P == 1:
+            return super().decode_step(params, token_B, cache, cfg, model_state=model_state)
+        spec = self.spec(cfg)
+        x_BD = lm.embed(params, token_B[:, None], spec)[:, 0]
+        h_BD, cache = decode.hidden_step(params, jnp.tile(x_BD, (P, 1)), cache, spec,
+                                         model_state=model_state)
+        B = token_B.shape[0]
+        h_1BD, _ = aggregate(params, h_BD.reshape(P, 1, B, -1), cfg.smoothing)
+        return lm.logits(params, h_1BD[0], spec), cache
 
     def count_params(self, cfg: ParScaleConfig) -> dict[str, int]:
         return count_params(cfg)
