@@ -288,3 +288,18 @@ def test_parscale_law_analyze_recovers_the_law_and_prices_inference(parscale_law
             assert 0.5 < c["dense_N"] / (c["N"] * m) < 2.0
     for name in ("loss_vs_n.png", "fit_vs_observed.png", "inference_cost.png", "summary.json"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_jscale_fit_parscale_reads_the_streams_from_sweep_rows(parscale_law, tmp_path):
+    """Sweep rows carry ``model.n_streams`` (the CLI's default ``--streams`` column), so ``jscale
+    fit --law parscale`` fits a ParScale sweep as it is."""
+    from tolerances import PARSCALE_PARAM_RTOL
+
+    from jscale.cli.fit import STREAMS_COLUMN
+    from jscale.laws import report
+    df = _parscale_table(parscale_law)
+    assert STREAMS_COLUMN in df
+    rep = report.analyze(df, tmp_path, law="parscale", streams=STREAMS_COLUMN, bootstrap=0,
+                         echo=lambda line: None)
+    for name, want in LAW.items():
+        assert rep.fit.params[name] == pytest.approx(want, rel=PARSCALE_PARAM_RTOL)

@@ -360,3 +360,20 @@ def test_decode_with_preloaded_prefixes_equals_the_full_pass(n_streams, tokens_B
         logits_BV, cache = step(params, tokens_BT[:, t], cache)
         out.append(logits_BV)
     np.testing.assert_allclose(jnp.stack(out, 1), full, **F32_REORDER)
+
+
+@pytest.mark.slow
+def test_vmapped_parscale_sweep_equals_sequential(tmp_path):
+    """A sweep over P: one group per P; within a group (learning rates, seeds) the vmapped members
+    train exactly as sequential runs."""
+    from tolerances import SWEEP_VMAP_VS_SEQUENTIAL
+
+    from jscale import sweep
+    base = micro_cfg(MICRO + ["train.steps=8", "train.checkpoint_every=0"], preset="parscale-tiny")
+    runs = sweep.product(base, **{"model.n_streams": [1, 2], "optim.lr": [3e-3, 1e-3]})
+    vm = sweep.run(runs, tmp_path / "vmap", strategy="vmap", progress=False)
+    seq = sweep.run(runs, tmp_path / "seq", strategy="sequential", progress=False)
+    assert set(vm["strategy"]) == {"vmap"} and vm["group_size"].tolist() == [2, 2, 2, 2]
+    assert sorted(vm["model.n_streams"].tolist()) == [1, 1, 2, 2]
+    for col in ("final_train_loss", "final_eval_loss", "min_eval_loss"):
+        np.testing.assert_allclose(vm[col], seq[col], **SWEEP_VMAP_VS_SEQUENTIAL)
