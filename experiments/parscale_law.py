@@ -48,8 +48,8 @@ from jscale import sweep
 STREAMS = (1, 2, 4, 8)
 
 PRESETS = {
-    # 4 sizes × 4 P = 16 runs of 300 steps × 8 × 64 tokens (154 k tokens, ~0.6 epochs of the bundled
-    # corpus), N ≈ 21 k – 0.2 M; the P = 8 runs cost ~3× a P = 1 step here.
+    # 4 sizes × 4 P = 16 runs of 300 steps × 8 × 64 tokens (154 k tokens, 0.02 epochs of the bundled
+    # corpus), N ≈ 27 k – 0.5 M (P = 8 included).
     "cpu": dict(sizes=[(32, 2), (48, 2), (64, 3), (96, 3)], head_dim=16, n_prefix_tokens=16,
                 seq_len=64, batch_size=8, steps=300, lr_ref=1.15e-2, n_ref=7e4, lr_exponent=0.31,
                 eval_batches=32, prompt_tokens=16, decode_tokens=32),
@@ -236,6 +236,14 @@ def analyze(df, out_dir: Path, n_boot: int = N_BOOT, seed: int = 0,
         lo_hi = iv.get(name)
         extra = "" if lo_hi is None else f"  [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]"
         echo(f"  {name:>5} = {fit.params[name]:.4g}{extra}")
+    loose = [n for n, (lo, hi) in iv.items() if n in fit.params and (lo <= 0 or hi / lo > 10)]
+    trusted = fit.r2 >= 0.95 and not loose
+    if not trusted:
+        echo(f"  CAUTION: this fit does not pin the law down (R² {fit.r2:.3f}"
+             + (f"; 95 % intervals spanning > 10x: {', '.join(loose)}" if loose else "")
+             + "): the runs' noise is comparable to the loss differences between sizes and P. "
+             "Read k·ln P + 1 and the P = 8 prediction as this grid's, not as constants; more "
+             "sizes, more tokens or seeds narrow them.")
     multiplier = {}
     for P in sorted(runs["P"].unique()):
         m = fit.params["k"] * math.log(P) + 1.0
@@ -287,7 +295,7 @@ def analyze(df, out_dir: Path, n_boot: int = N_BOOT, seed: int = 0,
                  f"{mine['latency_s'] / dense['latency_s']:>9.2f} "
                  f"{mine['memory_bytes'] / dense['memory_bytes']:>8.2f}")
     plots.append(_cost_plot(cost, out_dir / "inference_cost.png"))
-    summary = {"conventions": CONVENTIONS, "fit": fit.to_dict(),
+    summary = {"conventions": CONVENTIONS, "fit": fit.to_dict(), "trusted": trusted,
                "bootstrap": None if boot is None else boot.to_dict(),
                "parameter_multiplier": multiplier, "holdout_p8": hold, "inference": cost,
                "plots": plots}

@@ -280,6 +280,7 @@ def test_parscale_law_analyze_recovers_the_law_and_prices_inference(parscale_law
     assert summary["parameter_multiplier"]["8"]["multiplier"] == pytest.approx(
         LAW["k"] * math.log(8) + 1, rel=PARSCALE_PARAM_RTOL)
     assert summary["holdout_p8"]["max_abs_rel_error"] < 1e-3  # exact data: P ≤ 4 predicts P = 8
+    assert summary["trusted"] and "CAUTION" not in out
     cost = summary["inference"]
     assert len(cost) == 16
     for c in cost:  # the dense equivalent has about N·(k ln P + 1) parameters
