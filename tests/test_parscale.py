@@ -377,3 +377,15 @@ def test_vmapped_parscale_sweep_equals_sequential(tmp_path):
     assert sorted(vm["model.n_streams"].tolist()) == [1, 1, 2, 2]
     for col in ("final_train_loss", "final_eval_loss", "min_eval_loss"):
         np.testing.assert_allclose(vm[col], seq[col], **SWEEP_VMAP_VS_SEQUENTIAL)
+
+
+def test_init_from_a_hugging_face_directory(dense_run, tmp_path):
+    """``--init-from`` an HF-format directory: the dense base saved with ``jscale.hf.save`` (a
+    Llama-format checkpoint: no q/k/v biases) starts a ParScale model with its backbone copied."""
+    from jscale import hf
+    dense_cfg = micro_cfg(DENSE)
+    dense = load_state(dense_cfg, dense_run).params
+    hf.save(tmp_path / "hf", dense_cfg.model, dense)
+    params = init_params_from(tmp_path / "hf", micro_cfg(MICRO, preset="parscale-tiny"))
+    jax.tree.map(np.testing.assert_array_equal, {k: params[k] for k in dense}, dense)
+    assert set(params) - set(dense) == {"prefix", "aggregator"}
