@@ -1,7 +1,8 @@
 """What a run records, the same for ``jscale train`` and for every member of a sweep: the logging
 cadence (:func:`due`), the rows of ``metrics.jsonl`` / a sweep curve and the divergence rule
-(:class:`RunLog`), and the summary (:func:`summary`: ``summary.json``, and the core of a sweep's
-result row).
+(:class:`RunLog`), the summary (:func:`summary`: ``summary.json``, and the core of a sweep's
+result row) and, for a run grown from another (:mod:`jscale.growth`), its lineage
+(:func:`lineage`, :func:`with_lineage`).
 
 A row: ``step``, ``loss`` (mean training loss over the steps since the previous row), ``lr`` and
 ``grad_norm`` (at ``step``), ``tokens`` (seen so far), the driver's timing fields (``jscale train``:
@@ -139,3 +140,27 @@ def summary(cfg: RunConfig, log: RunLog, corpus: data_lib.Corpus, **extra: Any) 
         "epochs": data_lib.epochs(corpus, tokens), **extra,
         "diverged": not log.running, "diverged_step": log.diverged_step,
     }
+
+
+def lineage(source_cfg: RunConfig, source_step: int, *, source_run: str, growth_op: str,
+            source_lineage: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Where a grown run comes from: ``source_run`` (its directory), ``source_step`` (the checkpoint
+    grown), ``growth_op`` (the ``--grow`` text) and the compute that went into that checkpoint —
+    ``source_tokens`` and ``source_flops``, the source's training tokens and FLOPs up to
+    ``source_step`` (:func:`summary`'s ``tokens`` and ``flops`` for a finished source) plus, when
+    the source was itself grown (``source_lineage``), its own sources' (a chain adds up)."""
+    tc = source_cfg.train
+    tokens = source_step * tc.batch_size * tc.seq_len
+    flops = models.flops_per_token(source_cfg.model, tc.seq_len)["training"] * tokens
+    if source_lineage is not None:
+        tokens, flops = (tokens + source_lineage["source_tokens"],
+                         flops + source_lineage["source_flops"])
+    return {"source_run": source_run, "source_step": source_step, "growth_op": growth_op,
+            "source_tokens": tokens, "source_flops": flops}
+
+
+def with_lineage(summary: Mapping[str, Any], lineage: Mapping[str, Any]) -> dict[str, Any]:
+    """A grown run's ``summary`` with its :func:`lineage` and the total compute, source included:
+    ``total_tokens`` (``tokens + source_tokens``) and ``total_flops`` (``flops + source_flops``)."""
+    return {**summary, **lineage, "total_tokens": summary["tokens"] + lineage["source_tokens"],
+            "total_flops": summary["flops"] + lineage["source_flops"]}

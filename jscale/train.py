@@ -15,12 +15,18 @@ Output directory layout (``out_dir``):
   from the newest complete one and reproduces the uninterrupted run exactly (bitwise on CPU).
 * Only process 0 writes these files; on a mesh (``cfg.mesh``, see :mod:`jscale.sharding`) every
   process trains its share and takes part in the checkpoints.
+* ``lineage.json`` — a grown run only (:func:`grown_params_from`, ``jscale train --init-from RUN
+  --grow OP``), written before its first step: :func:`jscale.records.lineage` — ``source_run``,
+  ``source_step``, ``growth_op``, ``source_tokens``, ``source_flops``. A rerun must bring the same
+  lineage (it resumes from the run's own checkpoint, not from the source).
 * ``summary.json`` — written at the end (:func:`jscale.records.summary`): ``final_train_loss`` (mean
   training loss of the last ``FINAL_LOSS_STEPS`` optimizer steps — steps, not logged rows — or of
   every step of a shorter run), ``final_eval_loss`` (on ``eval_tokens`` validation tokens spread
   over the whole validation split), ``min_eval_loss``, parameter counts, FLOPs, ``epochs`` (tokens
   seen / training tokens available), ``wall_time_s`` and ``diverged`` (with ``diverged_step``, the
-  first step whose loss was NaN/inf or above ``RunConfig.divergence_threshold``).
+  first step whose loss was NaN/inf or above ``RunConfig.divergence_threshold``); for a grown run
+  also its lineage, ``total_tokens`` and ``total_flops`` (source included,
+  :func:`jscale.records.with_lineage`).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jscale import core, files, models, optim, records
+from jscale import core, files, growth, models, optim, records
 from jscale import data as data_lib
 from jscale import mesh as mesh_lib
 from jscale import sharding as sharding_lib
@@ -140,6 +146,49 @@ def init_params_from(source: str | os.PathLike, cfg: RunConfig) -> Any:
     return jax.tree_util.tree_map_with_path(take, fresh)
 
 
+def grown_params_from(source: str | os.PathLike, cfg: RunConfig,
+                      grow: str) -> tuple[Any, dict[str, Any]]:
+    """``(params, lineage)`` to pass to :func:`train` (``init_params=``, ``lineage=``): the newest
+    checkpoint of the jscale run in ``source`` grown into ``cfg``'s model by the growth step
+    ``grow`` (``OP[:G[:PLACEMENT]]``, e.g. ``"stack:4"``; :mod:`jscale.growth.spec`), and where it
+    comes from (:func:`jscale.records.lineage`).
+
+    The target shape is ``cfg``'s: a depth other than ``G`` × the source's, or a shape the operator
+    cannot make from the source's, raises :class:`ConfigError` naming ``--grow`` and both shapes.
+    ``direct_width``'s random choices use a key from ``cfg.train.seed``. Only the parameters are
+    grown: the optimizer state starts fresh, and the source's non-gradient model state (an MoE
+    router bias) is not carried over. A Hugging Face directory is refused: it has no checkpoint
+    step and no training compute to record (start from it with plain ``init_params_from``).
+    """
+    spec = growth.parse_spec(grow)
+    src = Path(source).resolve()
+    if any(src.glob("*.safetensors")):
+        raise ConfigError(f"--init-from {src}: --grow grows a jscale run directory (config.json "
+                          "and checkpoints/), whose training compute the grown run records; a "
+                          "Hugging Face checkpoint has none (use it without --grow)")
+    if not ((src / "config.json").exists() and (src / "checkpoints").is_dir()):
+        raise ConfigError(f"--init-from {src}: not a jscale run directory (config.json and "
+                          "checkpoints/): --grow grows a run's newest checkpoint")
+    src_cfg = RunConfig.from_dict(json.loads((src / "config.json").read_text()))
+    if not any(p.name.isdigit() for p in (src / "checkpoints").iterdir()):  # orbax: <step>/
+        raise ConfigError(f"--init-from {src}: the run has no complete checkpoint to grow yet")
+    spec.check(src_cfg.model, cfg.model)
+    state = load_state(src_cfg, src)
+    step = int(state.step)
+    key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1)  # the growth key
+    try:
+        params = growth.grow(state.params, src_cfg.model, cfg.model, spec.op, key=key,
+                             **spec.options)
+    except ConfigError as e:
+        raise ConfigError(f"--grow: {str(spec)!r} cannot grow {src} into this run: {e} (source: "
+                          f"{models.describe(src_cfg.model)}; this run: "
+                          f"{models.describe(cfg.model)})") from None
+    src_lineage = (json.loads((src / "lineage.json").read_text())
+                   if (src / "lineage.json").exists() else None)
+    return params, records.lineage(src_cfg, step, source_run=str(src), growth_op=str(spec),
+                                   source_lineage=src_lineage)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the loop's parts
 
@@ -166,6 +215,30 @@ def _prepare_out_dir(cfg: RunConfig, out: Path, *, write: bool = True) -> None:
             files.atomic_write_json(cfg_path, cfg.to_dict())
     elif write:
         files.atomic_write_json(cfg_path, cfg.to_dict())
+
+
+def _prepare_lineage(out: Path, lineage: dict[str, Any] | None, *, finished: bool,
+                     write: bool) -> dict[str, Any] | None:
+    """The run's lineage: ``out/lineage.json`` checked against ``lineage`` (a rerun of a grown run
+    must bring the same one; a finished run may bring none), or written from it."""
+    path, new = out / "lineage.json", None if lineage is None else json.loads(json.dumps(lineage))
+    if path.exists():
+        old = json.loads(path.read_text())
+        if new is None and not finished:
+            raise ConfigError(f"{out} holds a run grown from {old['source_run']} (--grow "
+                              f"{old['growth_op']}); rerun with the same --init-from and --grow")
+        if new is not None and new != old:
+            diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)]
+            raise ConfigError(f"{out} holds a run grown with another lineage ({'; '.join(diff)}); "
+                              "rerun with the same --init-from and --grow, or use a new --out")
+        return old
+    if new is not None and (finished or (out / "metrics.jsonl").exists()):
+        raise ConfigError(f"{out} holds a run that was not grown (no lineage.json); use a new "
+                          "--out for the grown run")
+    if new is not None and write:
+        files.atomic_write_json(path, new)
+    return new
 
 
 class _Data:
@@ -272,12 +345,15 @@ def _report(out: Path, summary: dict[str, Any]) -> None:
 
 
 def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False,
-          init_params: Any = None) -> dict[str, Any]:
+          init_params: Any = None, lineage: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir`` (resuming if it holds a checkpoint); return the summary dict.
 
     ``init_params``: start from these parameters (the family's tree, e.g. another run's
     :func:`load_state` ``.params`` or a growth operator's output) instead of a fresh init; the
-    optimizer state is fresh, and a resumed run continues from its own checkpoint. Raises
+    optimizer state is fresh, and a resumed run continues from its own checkpoint. ``lineage``
+    (with a grown run's ``init_params``, both from :func:`grown_params_from`): recorded in
+    ``lineage.json`` before the first step and merged into the summary with the total compute
+    (:func:`jscale.records.with_lineage`); a rerun must pass the same. Raises
     :class:`~jscale.config.ConfigError` before any training when the config, the data or the
     output directory cannot work. A run whose ``summary.json`` already exists is not retrained.
     """
@@ -285,7 +361,9 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False,
     layout = make_layout(cfg)
     primary = mesh_lib.is_primary()  # only process 0 writes files; every process checkpoints
     _prepare_out_dir(cfg, out, write=primary)
-    if (out / "summary.json").exists():
+    finished = (out / "summary.json").exists()
+    lineage = _prepare_lineage(out, lineage, finished=finished, write=primary)
+    if finished:
         return json.loads((out / "summary.json").read_text())
     data = _Data(cfg, layout)
     optimizer = optim.make_optimizer(cfg.optim, tc.steps)
@@ -324,6 +402,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False,
     bar.close()
     ckpt.close()
     summary = records.summary(cfg, log, data.corpus, wall_time_s=clock.total())
+    if lineage is not None:
+        summary = records.with_lineage(summary, lineage)
     if primary:
         files.atomic_write_json(out / "summary.json", summary)
         if not quiet:

@@ -20,6 +20,7 @@ __all__ = ["experiment", "main"]
 
 def _build_parser() -> argparse.ArgumentParser:
     from jscale.cli.fit import add_fit_arguments
+    from jscale.growth import GRAMMAR, grammar_help
     from jscale.mesh import add_distributed_arguments
 
     parser = Parser(prog="jscale", description="jscale: JAX scaling-law experiments.")
@@ -38,6 +39,11 @@ def _build_parser() -> argparse.ArgumentParser:
                             "Face directory (config.json + *.safetensors); its parameters are "
                             "copied, the rest (e.g. ParScale's prefixes and aggregator) fresh, the "
                             "optimizer state new")
+    train.add_argument("--grow", metavar=GRAMMAR, default=None,
+                       help="with --init-from RUN_DIR: grow the run's newest checkpoint into this "
+                            "run's model (its shape from --preset/--set) and train on, recording "
+                            "the source, the operator and the source's FLOPs (lineage.json; "
+                            "total_flops in summary.json). " + grammar_help())
     add_distributed_arguments(train)
 
     sweep = sub.add_parser("sweep", help="run an experiment script's grid",
@@ -61,13 +67,20 @@ def _cmd_train(args) -> int:
     from jscale import presets
     from jscale.config import ConfigError, parse_overrides
     from jscale.mesh import initialize_from_args
-    from jscale.train import init_params_from, train
+    from jscale.train import grown_params_from, init_params_from, train
 
     try:
         cfg = presets.get(args.preset).override(parse_overrides(args.overrides))
+        if args.grow is not None and args.init_from is None:
+            raise ConfigError("--grow: needs --init-from RUN_DIR, the run whose newest checkpoint "
+                              "it grows")
         initialize_from_args(args)
-        init = None if args.init_from is None else init_params_from(args.init_from, cfg)
-        train(cfg, args.out, quiet=args.quiet, init_params=init)
+        init, lineage = None, None
+        if args.grow is not None:
+            init, lineage = grown_params_from(args.init_from, cfg, args.grow)
+        elif args.init_from is not None:
+            init = init_params_from(args.init_from, cfg)
+        train(cfg, args.out, quiet=args.quiet, init_params=init, lineage=lineage)
     except KeyError as e:  # unknown preset
         print(f"jscale train: error: {e.args[0]}", file=sys.stderr)
         return 2

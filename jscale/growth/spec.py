@@ -1,0 +1,123 @@
+"""The text form of one growth step (``jscale train --grow``): :func:`parse_spec` reads it into a
+:class:`GrowthSpec`, which checks a pair of configs against what it says before
+:func:`jscale.growth.grow` runs.
+
+Grammar: ``OP[:G[:PLACEMENT]]``.
+
+* ``OP`` — an operator of :data:`jscale.growth.OPERATORS` (``random`` and ``learn`` are listed
+  there but not built yet: refused).
+* ``G`` — the depth factor, an integer ≥ 2: the grown model has ``G`` times the source's layers.
+  Required by the depth operators (``stack:4``, ``interpolate:2``), refused by the width operators
+  (``direct_width``), and for ``zero`` (depth or width) it decides: ``zero:2`` grows the depth,
+  ``zero`` the width. Width factors come from the two configs, not from the text.
+* ``PLACEMENT`` — zero depth growth only: ``interleave`` (the default) or ``end``
+  (:data:`jscale.growth.PLACEMENTS`), e.g. ``zero:2:end``.
+
+The text is canonical (:meth:`GrowthSpec.__str__`): ``zero:2:interleave`` reads as ``zero:2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jscale import models
+from jscale.config import ConfigError
+from jscale.growth.checks import check_pair
+from jscale.growth.index import model_spec
+from jscale.growth.ops import OPERATORS
+from jscale.growth.plans import PLACEMENTS
+
+#: The grammar, in one line (for ``--help`` and error messages).
+GRAMMAR = "OP[:G[:PLACEMENT]]"
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowthSpec:
+    """One growth step: operator ``op``, depth factor ``factor`` (``None``: width growth, the
+    factor given by the configs) and, for zero depth growth, ``placement``."""
+
+    op: str
+    factor: int | None = None
+    placement: str | None = None
+
+    def __str__(self) -> str:
+        text = self.op if self.factor is None else f"{self.op}:{self.factor}"
+        return text if self.placement in (None, PLACEMENTS[0]) else f"{text}:{self.placement}"
+
+    @property
+    def grows(self) -> str:
+        """``"depth"`` or ``"width"``."""
+        return "width" if self.factor is None else "depth"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The keyword options for :func:`jscale.growth.grow`."""
+        return {} if self.placement is None else {"placement": self.placement}
+
+    def check(self, cfg_small: Any, cfg_big: Any, *, field: str = "--grow") -> None:
+        """Refuse (:class:`~jscale.config.ConfigError` naming ``field`` and both models' shapes) a
+        ``cfg_big`` whose depth is not what this step makes from ``cfg_small``: ``factor`` × the
+        layers for depth growth, the same layers for width growth. (What else the operator
+        needs — the other fields unchanged, widths that only grow — :func:`jscale.growth.grow`
+        checks, naming the model field.)"""
+        check_pair(cfg_small, cfg_big, self.op)
+        n, m = model_spec(cfg_small).n_layers, model_spec(cfg_big).n_layers
+        want = n if self.factor is None else self.factor * n
+        if m != want:
+            how = (f"grows the width (write {self.op}:G to grow the depth), so it keeps the "
+                   f"source's {n} layers" if self.factor is None
+                   else f"makes {self.factor} × {n} = {want} layers from the source's {n}")
+            raise ConfigError(f"{field}: {str(self)!r} {how}, but this run's model has {m} "
+                              f"(source: {models.describe(cfg_small)}; this run: "
+                              f"{models.describe(cfg_big)})")
+
+
+def parse_spec(text: str, *, field: str = "--grow") -> GrowthSpec:
+    """``text`` (the module docstring's grammar) as a :class:`GrowthSpec`; a
+    :class:`~jscale.config.ConfigError` naming ``field`` for an unknown or unbuilt operator, a
+    missing, extra or bad ``G``, or a bad placement."""
+    op, *rest = text.strip().split(":")
+    if op not in OPERATORS:
+        raise ConfigError(f"{field}: unknown growth operator {op!r} in {text!r}; "
+                          f"{GRAMMAR} with OP one of {', '.join(built())}")
+    found = OPERATORS[op]
+    if not found.supported:
+        raise ConfigError(f"{field}: growth operator {op!r} is not built yet ({found.note}); "
+                          f"built: {', '.join(built())}")
+    if len(rest) > 2:
+        raise ConfigError(f"{field}: {text!r} has {len(rest)} ':' fields; the grammar is {GRAMMAR}")
+    if not rest:
+        if found.grows == "depth":
+            raise ConfigError(f"{field}: {op!r} grows the depth: write {op}:G, G the depth factor "
+                              "(an integer >= 2)")
+        return GrowthSpec(op)
+    if "depth" not in found.grows:
+        raise ConfigError(f"{field}: {op!r} grows the width, by factors the configs give: write "
+                          f"{op!r} with no :G (got {text!r})")
+    g = rest[0]
+    if not (g.isdigit() and int(g) >= 2):
+        raise ConfigError(f"{field}: the depth factor G must be an integer >= 2 (got {g!r} in "
+                          f"{text!r})")
+    placement = rest[1] if len(rest) == 2 else None
+    if placement is not None and (op != "zero" or placement not in PLACEMENTS):
+        raise ConfigError(f"{field}: a placement ({placement!r} in {text!r}) is for zero depth "
+                          f"growth only, one of {', '.join(PLACEMENTS)}")
+    if op == "zero" and placement is None:
+        placement = PLACEMENTS[0]
+    return GrowthSpec(op, int(g), placement)
+
+
+def built() -> list[str]:
+    """The operators :func:`parse_spec` accepts (the implemented ones of the table)."""
+    return [name for name, op in OPERATORS.items() if op.supported]
+
+
+def grammar_help() -> str:
+    """A paragraph for ``--help``: the grammar and every operator of the table, from the table."""
+    ops = "; ".join(f"{name} ({op.grows}{'' if op.supported else ', not built yet'})"
+                    for name, op in OPERATORS.items())
+    return (f"{GRAMMAR}: G is the depth factor, an integer >= 2 (stack:4, interpolate:2, zero:2); "
+            f"width operators take none, the configs give the widths (zero, direct_width); "
+            f"PLACEMENT, for zero depth growth: {' or '.join(PLACEMENTS)} (default "
+            f"{PLACEMENTS[0]}). Operators: {ops}")
