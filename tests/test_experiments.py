@@ -272,7 +272,7 @@ def test_parscale_law_analyze_recovers_the_law_and_prices_inference(parscale_law
         return {"latency_s": 1e-6 * n + 1e-4 * cfg.n_layers * getattr(cfg, "n_streams", 1),
                 "param_bytes": 4 * n, "cache_bytes": 1000, "memory_bytes": 4 * n + 1000}
     monkeypatch.setattr(parscale_law, "measure_decode", fake_measure)
-    summary = parscale_law.analyze(_parscale_table(parscale_law), tmp_path, n_boot=20)
+    summary = parscale_law.analyze(_parscale_table(parscale_law), tmp_path, n_boot=8)
     out = capsys.readouterr().out
     assert "N = non-embedding parameters incl. prefixes" in out and "k ln P + 1" in out
     for name, want in LAW.items():

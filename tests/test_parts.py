@@ -220,9 +220,9 @@ def test_prefix_kv_through_the_transformer_gets_no_rope_and_keeps_causality():
                                                                        "prefix_v_LBSGK": pv}})
         return family.head(params, h, cfg)[0, t].sum()
 
-    g_TD = np.asarray(jax.grad(out)(x_BTD, pk, 2)[0])
+    g_TD = np.asarray(jax.jit(jax.grad(out), static_argnums=2)(x_BTD, pk, 2)[0])
     assert np.all(g_TD[3:] == 0.0) and np.all(np.abs(g_TD[:3]).sum(-1) > 0)
-    g_prefix = np.asarray(jax.grad(out, argnums=1)(x_BTD, pk, 0))
+    g_prefix = np.asarray(jax.jit(jax.grad(out, argnums=1), static_argnums=2)(x_BTD, pk, 0))
     assert np.all(np.abs(g_prefix).sum((1, 2, 3, 4)) > 0)  # the first token sees every layer's prefix
 
     # Layer 0 by hand: the part's output with the prefix = naive attention over the raw prefix.
