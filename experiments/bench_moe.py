@@ -26,15 +26,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from bench_train import median_time, time_steps  # experiments/ is on sys.path when a script runs
+from bench_train import median_time, train_step_seconds  # experiments/ is on sys.path when a script runs
 
 import jscale
-from jscale import optim
 from jscale.config import parse_overrides
 from jscale.models.parts.base import Context
 from jscale.models.parts.moe import MoE, route
-from jscale.train import init_state, make_train_step
 
 
 def _params(layer: MoE, dtype, key) -> dict:
@@ -104,19 +101,6 @@ def layer_bench(args, E: int) -> dict:
             "einsum_max_abs_err": err(outs["einsum"], outs["xla"])}
 
 
-def _step_seconds(cfg, n_steps: int) -> float:
-    tc = cfg.train
-    optimizer = optim.make_optimizer(cfg.optim, tc.steps)
-    step = make_train_step(cfg, optimizer)
-    state = init_state(cfg, optimizer)
-    rng = np.random.default_rng(0)
-    batch = {k: jnp.asarray(rng.integers(0, cfg.model.vocab_size, (tc.batch_size, tc.seq_len)),
-                            jnp.int32) for k in ("inputs", "targets")}
-    batch["segment_ids"] = jnp.ones((tc.batch_size, tc.seq_len), jnp.int32)
-    _, s = time_steps(step, state, batch, n_steps)
-    return s
-
-
 def train_bench(args) -> dict:
     cfg = jscale.presets.get(args.preset).override(parse_overrides(args.overrides))
     moe = cfg.model.moe
@@ -125,7 +109,7 @@ def train_bench(args) -> dict:
     d_expert = moe.d_expert or cfg.model.d_ff
     dense = cfg.override({"model.moe": None,
                           "model.d_ff": (moe.top_k + moe.n_shared_experts) * d_expert})
-    moe_s, dense_s = _step_seconds(cfg, args.steps), _step_seconds(dense, args.steps)
+    moe_s, dense_s = train_step_seconds(cfg, args.steps), train_step_seconds(dense, args.steps)
     counts = jscale.count_params(cfg.model)
     return {"preset": args.preset, "impl": moe.impl, "batch_size": cfg.train.batch_size,
             "seq_len": cfg.train.seq_len, "moe_params_total": counts["total"],

@@ -18,49 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from bench_train import time_steps  # experiments/ is on sys.path when a script runs
+from bench_train import train_step_seconds  # experiments/ is on sys.path when a script runs
+from parscale_law import measure_decode
 
 import jscale
-from jscale import models, optim
+from jscale import models
 from jscale.config import parse_overrides
-from jscale.train import init_state, make_train_step
-
-
-def step_seconds(cfg, n_steps: int) -> float:
-    """Seconds per jitted train step of ``cfg`` on a random batch (after one compiling step)."""
-    tc = cfg.train
-    optimizer = optim.make_optimizer(cfg.optim, tc.steps)
-    step = make_train_step(cfg, optimizer)
-    state = init_state(cfg, optimizer)
-    rng = np.random.default_rng(0)
-    batch = {k: jnp.asarray(rng.integers(0, cfg.model.vocab_size, (tc.batch_size, tc.seq_len)),
-                            jnp.int32) for k in ("inputs", "targets")}
-    _, s = time_steps(step, state, batch, n_steps)
-    return s
 
 
 def decode_tokens_per_s(model_cfg, prompt: int, tokens: int) -> float:
-    """Batch-1 greedy decode speed of ``model_cfg`` (random weights): tokens/s, median step."""
-    params = models.init(jax.random.PRNGKey(0), model_cfg)
-    cache = models.decode_init(params, model_cfg, 1, prompt + tokens)
-    step = jax.jit(lambda p, t, c: models.decode_step(p, t, c, model_cfg), donate_argnums=2)
-    token = jnp.zeros((1,), jnp.int32)
-    for _ in range(prompt):
-        logits, cache = step(params, token, cache)
-    jax.block_until_ready(logits)
-    times = []
-    for _ in range(tokens):
-        t0 = time.perf_counter()
-        logits, cache = step(params, token, cache)
-        jax.block_until_ready(logits)
-        times.append(time.perf_counter() - t0)
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return 1.0 / float(np.median(times))
+    """Batch-1 greedy decode speed of ``model_cfg`` (random weights): tokens/s of the median step
+    (experiments/parscale_law.py's measurement)."""
+    return 1.0 / measure_decode(model_cfg, prompt_tokens=prompt, decode_tokens=tokens)["latency_s"]
 
 
 def main() -> None:
@@ -82,7 +53,7 @@ def main() -> None:
     rows = {}
     for P in sorted(args.streams):
         cfg = base.override({"model.n_streams": P})
-        rows[P] = {"P": P, "step_s": step_seconds(cfg, args.steps),
+        rows[P] = {"P": P, "step_s": train_step_seconds(cfg, args.steps),
                    "decode_tokens_per_s": decode_tokens_per_s(cfg.model, args.prompt,
                                                               args.decode_tokens),
                    "training_flops_per_token": models.flops_per_token(

@@ -53,6 +53,21 @@ def matmul_peak(dtype: str, n: int, repeats: int = 5) -> float:
     return 2 * n**3 / median_time(jax.jit(jnp.dot), a, b, repeats=repeats)
 
 
+def train_step_seconds(cfg, n_steps: int) -> float:
+    """Seconds per jitted train step of ``cfg`` on a random (one-document) batch, after one
+    compiling step. Shared by the benchmarks."""
+    tc = cfg.train
+    optimizer = optim.make_optimizer(cfg.optim, tc.steps)
+    step = make_train_step(cfg, optimizer)
+    state = init_state(cfg, optimizer)
+    rng = np.random.default_rng(0)
+    batch = {k: jnp.asarray(rng.integers(0, cfg.model.vocab_size, (tc.batch_size, tc.seq_len)),
+                            jnp.int32) for k in ("inputs", "targets")}
+    batch["segment_ids"] = jnp.ones((tc.batch_size, tc.seq_len), jnp.int32)
+    _, s = time_steps(step, state, batch, n_steps)
+    return s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
@@ -64,15 +79,7 @@ def main() -> None:
 
     cfg = jscale.presets.get(args.preset).override(parse_overrides(args.overrides))
     tc = cfg.train
-    optimizer = optim.make_optimizer(cfg.optim, tc.steps)
-    step = make_train_step(cfg, optimizer)
-    state = init_state(cfg, optimizer)
-    rng = np.random.default_rng(0)
-    batch = {k: jnp.asarray(rng.integers(0, cfg.model.vocab_size, (tc.batch_size, tc.seq_len)),
-                            jnp.int32) for k in ("inputs", "targets")}
-    batch["segment_ids"] = jnp.ones((tc.batch_size, tc.seq_len), jnp.int32)
-
-    state, step_s = time_steps(step, state, batch, args.steps)
+    step_s = train_step_seconds(cfg, args.steps)
 
     backend = jax.default_backend()
     n = args.matmul_n or (2048 if backend == "cpu" else 8192)

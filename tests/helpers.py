@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -109,3 +111,20 @@ t.make_train_step = slow_make
 from jscale.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+
+
+def kill_mid_training(args: Sequence[str], out: Path, after_step: int) -> None:
+    """Run ``jscale ARGS`` with :data:`SLOW_STEPS` and SIGKILL it once ``out/metrics.jsonl`` has
+    the row of ``after_step`` (pick a step past a checkpoint): the run must still be training then,
+    and leaves no ``summary.json``."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS, *args], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None:
+        if metrics.exists() and f'"step": {after_step},' in metrics.read_text():
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()

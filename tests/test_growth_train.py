@@ -7,15 +7,13 @@ The operators themselves are tested in tests/test_growth.py."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
-from helpers import SLOW_STEPS, env, finish, metrics_rows, micro_cfg, train_args
+from helpers import env, finish, kill_mid_training, metrics_rows, micro_cfg, train_args
 from tolerances import F32_REORDER
 
 from jscale import core, growth, models, records
@@ -216,19 +214,9 @@ def test_zero_depth_growth_continues_the_source_loss(small_run, tmp_path):
 @pytest.mark.slow
 def test_grown_run_resumes_bitwise_after_sigkill(small_run, grown_run, tmp_path, capsys):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS,
-                             *grow_args(out, small_run, "stack:2")], env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    metrics = out / "metrics.jsonl"
-    while proc.poll() is None:  # past the first checkpoint (step 4), mid-training
-        if (out / "checkpoints" / "4").is_dir() and metrics.exists() and (
-                "\"step\": 6," in metrics.read_text()):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (out / "lineage.json").exists() and not (out / "summary.json").exists()
+    # past the first checkpoint (step 4: its row is written after the checkpoint), mid-training
+    kill_mid_training(grow_args(out, small_run, "stack:2"), out, after_step=6)
+    assert (out / "lineage.json").exists()
     finish(subprocess.Popen([sys.executable, "-m", "jscale.cli",
                              *grow_args(out, small_run, "stack:2")], env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

@@ -11,17 +11,15 @@ import functools
 import importlib
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from families import MOE_AUX, MOE_MICRO, TRANSFORMER_MICRO, tree_allclose
-from helpers import SLOW_STEPS, env, finish, metrics_rows, micro_cfg, train_args
+from helpers import env, finish, kill_mid_training, metrics_rows, micro_cfg, train_args
 from tolerances import F32_GRAD, F32_REORDER, SWEEP_VMAP_VS_SEQUENTIAL
 
 import jscale
@@ -471,18 +469,8 @@ def test_moe_tiny_trains_from_the_cli_and_logs_router_metrics(moe_run):
 @pytest.mark.slow
 def test_moe_resumes_bitwise_after_sigkill_including_the_router_bias(moe_run, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS,
-                             *train_args(out, MICRO, preset="moe-tiny")], env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    metrics = out / "metrics.jsonl"
-    while proc.poll() is None:  # past the first checkpoint (step 8), mid-training
-        if metrics.exists() and "\"step\": 12," in metrics.read_text():
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "summary.json").exists()
+    # past the first checkpoint (step 8), mid-training
+    kill_mid_training(train_args(out, MICRO, preset="moe-tiny"), out, after_step=12)
     finish(subprocess.Popen([sys.executable, "-m", "jscale.cli",
                              *train_args(out, MICRO, preset="moe-tiny")], env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from families import PARSCALE_MICRO, TRANSFORMER_MICRO, tree_allclose
-from helpers import SLOW_STEPS, env, finish, metrics_rows, micro_cfg, train_args
+from helpers import env, finish, kill_mid_training, metrics_rows, micro_cfg, train_args
 from tolerances import F32_GRAD, F32_REORDER, SHARDED_VS_SINGLE_LOSS
 
 import jscale
@@ -276,17 +274,8 @@ def test_parscale_tiny_trains_from_the_cli_and_resumes_bitwise_after_sigkill(par
     cfg = micro_cfg(MICRO, preset="parscale-tiny")
     assert summary["n_params"] == models.count_params(cfg.model)["total"]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS,
-                             *train_args(out, MICRO, preset="parscale-tiny")], env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    metrics = out / "metrics.jsonl"
-    while proc.poll() is None:  # past the first checkpoint (step 6), mid-training
-        if metrics.exists() and "\"step\": 8," in metrics.read_text():
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # past the first checkpoint (step 6), mid-training
+    kill_mid_training(train_args(out, MICRO, preset="parscale-tiny"), out, after_step=8)
     finish(subprocess.Popen([sys.executable, "-m", "jscale.cli",
                              *train_args(out, MICRO, preset="parscale-tiny")], env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
