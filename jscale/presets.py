@@ -117,7 +117,7 @@ def moe_small() -> RunConfig:
 def parscale_tiny() -> RunConfig:
     """``tiny`` run as 4 ParScale streams (16 prefix tokens per stream and layer, ε 0.01).
 
-    ~0.43 M backbone parameters, +16 K prefix and +67 K aggregator parameters; each step runs the
+    ~0.43 M backbone parameters, +16 K prefix and +66 K aggregator parameters; each step runs the
     stack on 4× the rows.
     """
     return RunConfig(
