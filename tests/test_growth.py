@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from families import MAMBA_MICRO, MOE_MICRO, PARSCALE_MICRO, TRANSFORMER_MICRO
+from tolerances import F32_REORDER
 
 from jscale import growth, models, nn, optim
 from jscale.config import ConfigError, OptimConfig
-from tests.families import MAMBA_MICRO, MOE_MICRO, PARSCALE_MICRO, TRANSFORMER_MICRO
-from tests.tolerances import F32_REORDER
 
 R = dataclasses.replace
 KEY = jax.random.PRNGKey(0)
