@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -15,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
-    SLOW_STEPS,
     STATE_LEAF,
     STATE_METRIC,
     cli_popen,
     env,
     finish,
+    kill_mid_training,
     metrics_rows,
     micro_cfg,
     patch_stateful_forward,
@@ -91,18 +90,8 @@ def test_cli_run_writes_outputs(reference_run):
 @pytest.mark.slow
 def test_resume_after_sigkill_during_training(reference_run, tmp_path):
     out = tmp_path / "killed"
-    args = _train_args(out)
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS, *args], env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    metrics = out / "metrics.jsonl"
-    while proc.poll() is None:  # kill once it is past the first checkpoint, mid-training
-        if metrics.exists() and "\"step\": 12," in metrics.read_text():
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "summary.json").exists()
+    # kill once it is past the first checkpoint, mid-training
+    kill_mid_training(_train_args(out), out, after_step=12)
     finish(_cli(out))  # the same command resumes
     assert metrics_rows(out) == metrics_rows(reference_run)
     assert (json.loads((out / "summary.json").read_text())["final_train_loss"] ==
