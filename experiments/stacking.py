@@ -1,7 +1,7 @@
 """The growth study: a small model grown by G_stack (and other operators) vs the target trained from
 scratch, at equal total training FLOPs, and the paper's speed-up.
 
-    python experiments/stacking.py --preset cpu --out results/stacking       # ~13 min, 2 CPU cores
+    python experiments/stacking.py --preset cpu --out results/stacking       # ~15 min, 2 CPU cores
     python experiments/stacking.py --preset gpu --out results/stacking --set data.path=corpus.jsonl \
         --set data.tokenizer=bpe --set model.vocab_size=32768                 # one GPU, your corpus
 
@@ -10,10 +10,14 @@ Pre-Training" (arXiv 2405.15319), scaled down. The target is a dense transformer
 layers trained from scratch for ``steps`` steps (the budget B = its training FLOPs). For every growth
 factor g and every fraction f of the budget's tokens, a model of ``n_layers / g`` layers (otherwise
 the target's shape) trains on d = f · D tokens, is grown into the target by the depth operator
-(:func:`jscale.train.grown_params_from`, ``stack:g``), and the grown model trains for the steps that
-bring the total — small model included — to B (to within half a target step). At one setting
-``(g, f) = op_setting`` the operators ``interpolate`` and ``zero`` (identity new layers, interleaved)
-are compared with ``stack``. Every setting runs with every seed; each run has its own directory under
+(the grown run's ``growth`` section, ``stack:g``; :func:`jscale.train.train` with ``grow_from``),
+and the grown model trains for the steps that bring the total — small model and growth included —
+to B (to within half a target step). At one setting ``(g, f) = op_setting`` every other operator of
+:data:`jscale.growth.OPERATORS` is compared with ``stack``: ``interpolate``, ``zero`` (identity new
+layers, interleaved), ``random`` (fresh new layers blended in over the first ``grow_fraction`` of
+the grown run), ``learn`` (LiGO, ``learn_steps`` steps whose compute counts in the total) and
+``direct_width`` (from a source of 1/g the width and the full depth). Every setting runs with
+every seed; each run has its own directory under
 ``--out`` (``scratch-seed0/``, ``small-g2-d<tokens>-seed0/``, ``grown-stack-g2-d<tokens>-seed0/``), so
 a rerun skips finished runs and resumes unfinished ones.
 
@@ -43,7 +47,9 @@ Conventions, printed with every answer:
 * seeds: grown seed s is compared with scratch seed s; intervals are min–max over seeds (2 seeds: a
   range, not a confidence interval); a seed's grown run reads the data in another order
   (``train.seed = 1000 + s``) than its small model, so it does not replay the small model's batches;
-* every run: the same learning rate, cosine schedule and warmup rule; fresh AdamW state after growth.
+* every run: the same learning rate, cosine schedule and warmup rule; fresh AdamW state after growth;
+  a grown run's total FLOPs include G_learn's LiGO steps (``growth_flops``: learn_steps × the
+  target's training FLOPs per step).
 """
 
 from __future__ import annotations
@@ -63,21 +69,26 @@ import jscale
 from jscale import growth, models
 from jscale.config import ConfigError, parse_overrides
 
+#: The operators compared with G_stack at ``op_setting``: the other depth operators, and
+#: ``direct_width`` from a source of 1/g the width (d_model, heads, d_ff) and the target's depth.
+OPERATORS = ("interpolate", "zero", "random", "learn", "direct_width")
 PRESETS = {
-    # Measured 12 min 48 s wall on 2 CPU cores (part of it shared with another job), analysis
-    # included: 2 scratch + 8 small + 12 grown = 22 runs, 800 target steps × 8 × 64 tokens (0.41 M
-    # tokens, 0.04 epochs of the bundled corpus), 11.4 k steps in all.
-    "cpu": dict(d_model=64, n_layers=4, head_dim=16, seq_len=64, batch_size=8, steps=800, lr=8e-3,
-                warmup=40, eval_every=40, eval_batches=16, factors=(2, 4), fractions=(0.1, 0.25),
-                seeds=(0, 1), operators=("interpolate", "zero"), op_setting=(2, 0.25),
-                checkpoint_every=0),
+    # 2 scratch + 10 small + 18 grown = 30 runs, 600 target steps × 8 × 64 tokens (0.31 M tokens,
+    # 0.03 epochs of the bundled corpus); the operator comparison at g 2, f 0.25: interpolate, zero,
+    # random (blended in over a tenth of the grown run), learn (20 LiGO steps), direct_width (a
+    # half-width source).
+    "cpu": dict(d_model=64, n_layers=4, head_dim=16, seq_len=64, batch_size=8, steps=600, lr=8e-3,
+                warmup=30, eval_every=30, eval_batches=16, factors=(2, 4), fractions=(0.1, 0.25),
+                seeds=(0, 1), operators=OPERATORS, op_setting=(2, 0.25), checkpoint_every=0,
+                grow_fraction=0.1, learn_steps=20),
     # One GPU, untimed: d 512, 8 layers (N ≈ 27 M non-embedding), 10 k steps × 32 × 1024 tokens
-    # (0.33 B tokens per budget; 3 fractions × 2 factors + 2 operators, 2 seeds: 16 grown runs;
-    # ~14 budgets of ~6e16 FLOPs in all). Checkpoints every 1,000 steps, so a killed run resumes.
+    # (0.33 B tokens per budget; 3 fractions × 2 factors + 5 operators, 2 seeds: 22 grown runs;
+    # ~18 budgets of ~6e16 FLOPs in all). Checkpoints every 1,000 steps, so a killed run resumes.
     "gpu": dict(d_model=512, n_layers=8, head_dim=64, seq_len=1024, batch_size=32, steps=10_000,
                 lr=3e-3, warmup=500, eval_every=250, eval_batches=32, factors=(2, 4),
-                fractions=(0.05, 0.1, 0.2), seeds=(0, 1), operators=("interpolate", "zero"),
-                op_setting=(2, 0.1), checkpoint_every=1000, corpus=True),
+                fractions=(0.05, 0.1, 0.2), seeds=(0, 1), operators=OPERATORS,
+                op_setting=(2, 0.1), checkpoint_every=1000, corpus=True, grow_fraction=0.1,
+                learn_steps=100),
 }
 #: Fields the study sets itself per run (``--set`` may not change them).
 STUDY_FIELDS = ("model.n_layers", "train.steps", "train.seed", "optim.warmup_steps")
@@ -91,7 +102,7 @@ CONVENTIONS = (
     " (lower bound from its whole budget); Fig.1 reading = (C_scratch - C_g(L_s)) / C_g(L_s), C_g(L_s)"
     " = where the grown run's own curve first reaches the scratch's final loss (leans low), '<' = "
     "never reached; loss gap = L_scratch(C_g) - L_g (> 0: growth helped); intervals = min-max over "
-    "seeds, paired by seed")
+    "seeds, paired by seed; total FLOPs include G_learn's LiGO steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +161,9 @@ def training_fpt(cfg: jscale.RunConfig) -> float:
 
 def plan(preset: str, overrides: dict | None = None) -> list[Run]:
     """Every run of the study in the order they must train (a small model before its grown runs),
-    each grown run sized so that small + grown FLOPs equal the scratch run's (module docstring)."""
+    each grown run sized so that small + growth + grown FLOPs equal the scratch run's (module
+    docstring). A grown run's config carries its ``growth`` section, whose
+    :meth:`~jscale.config.RunConfig.source_config` is exactly its small run's config."""
     p = PRESETS[preset]
     target = target_config(preset, overrides)
     tps = target.train.batch_size * target.train.seq_len
@@ -168,37 +181,60 @@ def plan(preset: str, overrides: dict | None = None) -> list[Run]:
                                   f"(got {target.model.n_layers})")
             small_steps = max(1, round(f * target.train.steps))
             d = small_steps * tps
-            small_name = f"small-g{g}-d{d}-seed{seed}"
+            width = op == "direct_width"
+            shape = (_narrower(target, g) if width
+                     else {"model.n_layers": target.model.n_layers // g})
+            small_name = f"small-{'w' if width else 'g'}{g}-d{d}-seed{seed}"
             if small_name not in smalls:
-                small = target.override({"model.n_layers": target.model.n_layers // g,
-                                         "train.steps": small_steps, "train.seed": seed,
+                small = target.override({**shape, "train.steps": small_steps, "train.seed": seed,
                                          "optim.warmup_steps": _warmup(small_steps, p)})
                 smalls[small_name] = small
                 runs.append(Run(small_name, "small", small, seed, g=g, d=d))
-            left = budget - training_fpt(smalls[small_name]) * d
+            learn = p["learn_steps"] if op == "learn" else None
+            left = (budget - training_fpt(smalls[small_name]) * d
+                    - (learn or 0) * training_fpt(target) * tps)
             steps = round(left / (training_fpt(target) * tps))
             if steps < 1:
                 raise ConfigError(f"{preset}: fraction {f} leaves no steps for the grown run")
-            cfg = target.override({"train.steps": steps, "train.seed": GROWN_SEED_OFFSET + seed,
-                                   "optim.warmup_steps": _warmup(steps, p)})
+            source = [f"train.seed={seed}", f"optim.warmup_steps={_warmup(small_steps, p)}"]
+            if width:
+                source += [f"{k}={v}" for k, v in shape.items()]
+            cfg = target.override({
+                "train.steps": steps, "train.seed": GROWN_SEED_OFFSET + seed,
+                "optim.warmup_steps": _warmup(steps, p),
+                "growth.op": op if width else f"{op}:{g}", "growth.source_steps": small_steps,
+                "growth.source": tuple(source), "growth.learn_steps": learn,
+                "growth.grow_steps": (max(1, round(p["grow_fraction"] * steps)) if op == "random"
+                                      else 0)})
+            assert cfg.source_config() == smalls[small_name], "the growth section's source"
             runs.append(Run(f"grown-{op}-g{g}-d{d}-seed{seed}", "grown", cfg, seed, op, g, d,
                             small_name))
     return runs
 
 
+def _narrower(target: jscale.RunConfig, g: int) -> dict:
+    """The overrides of a source ``g`` times narrower than ``target`` (d_model, the heads — the
+    head dim kept — and d_ff), for ``direct_width``."""
+    m = target.model
+    for name in ("d_model", "n_heads", "n_kv_heads", "d_ff"):
+        if getattr(m, name) % g:
+            raise ConfigError(f"model.{name}: direct_width by {g} needs a multiple of {g} "
+                              f"(got {getattr(m, name)})")
+    return {"model.d_model": m.d_model // g, "model.n_heads": m.n_heads // g,
+            "model.n_kv_heads": m.n_kv_heads // g, "model.d_ff": m.d_ff // g,
+            "model.head_dim": m.head_dim or m.d_model // m.n_heads}
+
+
 def execute(runs: list[Run], out_dir: Path, *, quiet: bool = True) -> None:
     """Train every run of ``runs`` into ``out_dir/<name>`` (finished runs are skipped by
-    :func:`jscale.train.train`; a grown run is grown from its small model's final checkpoint)."""
-    from jscale.train import grown_params_from, train
+    :func:`jscale.train.train`; a grown run is grown from its small model's final checkpoint by
+    its ``growth`` section)."""
+    from jscale.train import train
 
     for i, r in enumerate(runs):
-        out = out_dir / r.name
         t0 = time.perf_counter()
-        if r.kind == "grown" and not (out / "summary.json").exists():
-            params, lineage = grown_params_from(out_dir / r.source, r.cfg, f"{r.op}:{r.g}")
-            s = train(r.cfg, out, quiet=True, init_params=params, lineage=lineage)
-        else:
-            s = train(r.cfg, out, quiet=True)
+        s = train(r.cfg, out_dir / r.name, quiet=True,
+                  grow_from=out_dir / r.source if r.kind == "grown" else None)
         if not quiet:
             print(f"[{i + 1}/{len(runs)}] {r.name}: eval loss {s['final_eval_loss']:.4f}, "
                   f"{r.cfg.train.steps} steps, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -206,7 +242,7 @@ def execute(runs: list[Run], out_dir: Path, *, quiet: bool = True) -> None:
 
 # --- analysis --------------------------------------------------------------------------------------
 
-_NAME = re.compile(r"^(?:(scratch)|(small)-g(\d+)-d(\d+)|grown-(\w+?)-g(\d+)-d(\d+))-seed(\d+)$")
+_NAME = re.compile(r"^(?:(scratch)|(small)-[gw](\d+)-d(\d+)|grown-(\w+?)-g(\d+)-d(\d+))-seed(\d+)$")
 
 
 def load_runs(out_dir: Path) -> list[dict]:
@@ -219,7 +255,8 @@ def load_runs(out_dir: Path) -> list[dict]:
             continue
         s = json.loads((path / "summary.json").read_text())
         kind = "scratch" if m[1] else "small" if m[2] else "grown"
-        c0, t0 = (s["source_flops"], s["source_tokens"]) if kind == "grown" else (0.0, 0)
+        c0, t0 = ((s["source_flops"] + s.get("growth_flops", 0.0), s["source_tokens"])
+                  if kind == "grown" else (0.0, 0))
         rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()
                 if line.strip()]
         rows = [r for r in rows if r.get("eval_loss") is not None]

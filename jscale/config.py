@@ -1,7 +1,9 @@
 """Run configuration: frozen, keyword-only dataclasses, one per section.
 
 A :class:`RunConfig` composes five sections — ``model`` (a model family's own config class, e.g.
-:class:`jscale.TransformerConfig`), ``data``, ``optim``, ``train`` and ``mesh``. Every knob is a declared
+:class:`jscale.TransformerConfig`), ``data``, ``optim``, ``train`` and ``mesh`` — and, for a run
+grown from a smaller one, ``growth`` (:class:`GrowthConfig`; absent from :meth:`RunConfig.to_dict`
+when unset). Every knob is a declared
 field with one default; ``__post_init__`` rejects impossible values with a message that names the field
 and the constraint. Configs are values: change them with :meth:`RunConfig.override`, which takes dotted
 keys (``{"optim.lr": 1e-3}``) and coerces strings (``"1e-3"``) to the field's declared type, so the CLI's
@@ -221,6 +223,69 @@ class MeshConfig:
         check(n_fill <= 1, "mesh", "at most one axis may be -1", n_fill)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GrowthConfig:
+    """This run starts from a smaller *source* run grown into its model (:mod:`jscale.growth`).
+
+    The source is described relative to this run: the same config with ``growth`` removed,
+    ``train.steps = source_steps``, for a depth step ``model.n_layers`` (and
+    ``model.moe.first_dense_layers``) divided by the depth factor, then the ``source`` overrides —
+    :meth:`RunConfig.source_config`. A sweep (:mod:`jscale.sweep`) trains that source as a member
+    of its own and grows every run that names it from its final checkpoint; ``jscale train
+    --init-from RUN --grow OP`` fills this section from RUN's config (its model must be the one
+    described; the run itself is recorded in ``lineage.json``).
+
+    Attributes:
+      op: the growth step, ``OP[:G[:PLACEMENT]]`` (:mod:`jscale.growth.spec`: ``stack:4``,
+        ``zero:2``, ``direct_width``, ``random:2``, ``learn:2``, …).
+      source_steps: the source run's optimizer steps (the ``d`` of the paper: ``source_steps ×
+        batch_size × seq_len`` tokens). Required (> 0).
+      source: ``"key=value"`` overrides (``--set`` syntax) that make the source from this run
+        after the depth division, e.g. ``("model.d_model=32", "model.d_ff=64")`` for width growth.
+      grow_steps: ``random`` only: the new parameters are blended in with a factor ``m`` that rises
+        linearly from 0 to 1 over this many steps of the grown run (0: at once).
+      optimizer_state: start from the source's Adam moments grown by the same operator
+        (:func:`jscale.growth.grow_optimizer_state`) instead of a fresh optimizer state.
+      learn_steps: ``learn`` only: the steps that train the LiGO expansion before it is
+        materialised (``None``: 100). Their compute is counted in the run's total FLOPs.
+    """
+
+    op: str = "stack:2"
+    source_steps: int = 0
+    source: tuple[str, ...] = ()
+    grow_steps: int = 0
+    optimizer_state: bool = False
+    learn_steps: int | None = None
+
+    #: ``learn_steps`` when it is ``None``.
+    DEFAULT_LEARN_STEPS = 100
+
+    def __post_init__(self):
+        check(self.source_steps > 0, "growth.source_steps", "must be > 0: the steps the source run "
+              "trains before it is grown", self.source_steps)
+        _non_negative(self, "growth", "grow_steps")
+        if self.learn_steps is not None:
+            check(self.learn_steps > 0, "growth.learn_steps", "must be > 0 (or None for "
+                  f"{self.DEFAULT_LEARN_STEPS})", self.learn_steps)
+        for item in self.source:
+            check("=" in item and item.partition("=")[0].strip(), "growth.source",
+                  "items must be key=value overrides", item)
+            check(not item.partition("=")[0].strip().startswith("growth"), "growth.source",
+                  "a source is not grown itself here (its growth section is removed)", item)
+
+    @property
+    def op_name(self) -> str:
+        """The operator's name (``op`` without ``:G``)."""
+        return self.op.split(":", 1)[0].strip()
+
+    @property
+    def factor(self) -> int | None:
+        """The depth factor ``G`` of ``op`` (``None``: width growth). The grammar itself is checked
+        by :func:`jscale.growth.spec.check_run` when the run config is built."""
+        parts = self.op.split(":")
+        return int(parts[1]) if len(parts) > 1 and parts[1].strip().isdigit() else None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Model families live in one registry (jscale.registry); config.py never imports the models.
 
@@ -239,6 +304,7 @@ class RunConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    growth: GrowthConfig | None = None
 
     def __post_init__(self):
         family = registry.family_of(self.model)  # raises for an unregistered model config
@@ -253,6 +319,38 @@ class RunConfig:
             check(self.model.vocab_size == BYTE_VOCAB_SIZE, "model.vocab_size",
                   f"must equal the byte tokenizer's vocabulary ({BYTE_VOCAB_SIZE} = 256 bytes + EOS) "
                   "when data.tokenizer='byte'", self.model.vocab_size)
+        if self.growth is not None:
+            self._check_growth()
+
+    def _check_growth(self) -> None:
+        # the operator, the grammar and the shapes: jscale.growth.spec.check_run (registered)
+        registry.growth_check()(self)
+
+    def source_config(self) -> RunConfig:
+        """The source run :class:`GrowthConfig` describes (``growth`` must be set): this config
+        without ``growth``, with ``train.steps = growth.source_steps``, the depth divided by a depth
+        step's factor, then ``growth.source``'s overrides."""
+        g = self.growth
+        check(g is not None, "growth", "this run is not grown (no growth section)")
+        factor = g.factor
+        updates: dict[str, Any] = {"train.steps": g.source_steps}
+        if factor is not None:
+            for key in ("n_layers", "first_dense_layers"):
+                sub = self.model.moe if key == "first_dense_layers" else self.model
+                if sub is None or not hasattr(sub, key):
+                    continue
+                n = getattr(sub, key)
+                name = "model.moe." + key if key == "first_dense_layers" else "model." + key
+                check(n % factor == 0, "growth.op", f"{g.op!r} divides {name}={n} by "
+                      f"{factor} to make the source: it must be a multiple")
+                updates[name] = n // factor
+        updates.update(parse_overrides(list(g.source)))
+        base = dataclasses.replace(self, growth=None)
+        try:
+            return base.override(updates)
+        except ConfigError as e:
+            raise ConfigError(f"growth.source: the source run it describes is not valid: {e}") \
+                from None
 
     @property
     def divergence_threshold(self) -> float:
@@ -296,7 +394,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready nested dict (sub-configs as dicts, tuples as sequences); ``model`` carries its
         ``family``."""
-        out = {s.name: dataclasses.asdict(getattr(self, s.name)) for s in dataclasses.fields(self)}
+        out = {s.name: dataclasses.asdict(getattr(self, s.name)) for s in dataclasses.fields(self)
+               if getattr(self, s.name) is not None}  # growth: absent unless set (ids unchanged)
         out["model"] = {"family": model_family(self.model), **out["model"]}
         return out
 
@@ -313,7 +412,9 @@ class RunConfig:
         model = dict(d["model"])
         family = registry.by_name(model.pop("family", None))
         hints = configpath.field_hints(cls)
-        rest = {s: configpath.from_plain(hints[s], d[s], s) for s in sections if s != "model" and s in d}
+        rest = {s: (None if d[s] is None else
+                    configpath.from_plain(configpath.config_class(hints[s]), d[s], s))
+                for s in sections if s != "model" and s in d}
         return cls(model=configpath.from_plain(family.config_cls, model, "model"), **rest)
 
 

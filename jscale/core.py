@@ -102,12 +102,16 @@ def member_data(runs: Sequence[RunConfig], common: RunConfig | None = None) -> d
 
 
 def init_state(cfg: RunConfig, optimizer: optax.GradientTransformation,
-               member: dict[str, Any] | None = None, *, params: Any = None) -> TrainState:
+               member: dict[str, Any] | None = None, *, params: Any = None,
+               opt_state: Any = None) -> TrainState:
     """The initial state of one member (pure: ``vmap`` it over member data ``[R]``).
 
     ``member``: one member's data (:func:`member_data` without the R axis; default: ``cfg``'s own —
     a single run). ``params``: start from these parameters instead of ``models.init`` (they must have
-    the family's tree, shapes and dtypes); the optimizer state is fresh either way.
+    the family's tree, shapes and dtypes). ``opt_state``: an optimizer state for ``params`` to start
+    from (a grown source's, :func:`jscale.growth.grow_optimizer_state`): its inner state — the
+    clipping's and Adam's moments and Adam's count — is kept; the schedule's count and the injected
+    hyperparameters are this run's. Without it the optimizer state is fresh.
     """
     if member is None:
         member = jax.tree.map(lambda x: x[0], member_data([cfg]))
@@ -117,7 +121,15 @@ def init_state(cfg: RunConfig, optimizer: optax.GradientTransformation,
                                    cfg.model)
     else:
         check_params(params, cfg)
-    opt_state = optimizer.init(params)
+    fresh = optimizer.init(params)
+    if opt_state is not None:
+        if jax.tree.structure(opt_state.inner_state) != jax.tree.structure(fresh.inner_state):
+            raise ConfigError("opt_state: its inner state does not match this run's optimizer "
+                              f"({jax.tree.structure(opt_state.inner_state)} vs "
+                              f"{jax.tree.structure(fresh.inner_state)})")
+        fresh = fresh._replace(inner_state=jax.tree.map(
+            lambda x, f: jnp.asarray(x, f.dtype), opt_state.inner_state, fresh.inner_state))
+    opt_state = fresh
     hp = {k: jnp.asarray(member[k]) for k in HYPERPARAMS}
     opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **hp})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng,
@@ -146,15 +158,10 @@ def check_params(params: Any, cfg: RunConfig) -> None:
 
 def loss_and_state(params: Any, batch: dict[str, Array], model_cfg: Any, model_state: Any = None
                    ) -> tuple[Array, tuple[dict[str, Array], Any]]:
-    """``(loss, (metrics, new_model_state))``: mean next-token cross-entropy (float32) plus every
-    auxiliary ``*_loss`` the model reports; ``metrics`` holds ``ce_loss`` and every aux value."""
-    logits_BTV, aux, new_state = models.forward(params, batch["inputs"], model_cfg,
-                                                segment_ids_BT=batch.get("segment_ids"),
-                                                model_state=model_state)
-    ce = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BTV.astype(jnp.float32), batch["targets"]).mean()
-    total = ce + sum((v for k, v in aux.items() if k.endswith("_loss")), jnp.zeros((), jnp.float32))
-    return total, ({"ce_loss": ce, **aux}, new_state)
+    """``(loss, (metrics, new_model_state))``: :func:`jscale.models.loss_and_state` — mean
+    next-token cross-entropy (float32) plus every auxiliary ``*_loss`` the model reports;
+    ``metrics`` holds ``ce_loss`` and every aux value."""
+    return models.loss_and_state(params, batch, model_cfg, model_state)
 
 
 def loss_fn(params: Any, batch: dict[str, Array], model_cfg: Any, model_state: Any = None
@@ -176,16 +183,31 @@ def _frozen(tree: dict[str, Any], keys: tuple[str, ...] | None, frozen) -> dict[
     return {k: (v if k in keys else jax.tree.map(frozen, v)) for k, v in tree.items()}
 
 
+def effective_params(params: Any, step: Array, cfg: RunConfig) -> Any:
+    """The parameters the model computes with at ``step``: ``params`` itself, except while a run
+    grown by the ``random`` operator blends its new parameters in (``growth.grow_steps``,
+    :func:`jscale.growth.blend`: a factor ``m = step / grow_steps`` rising to 1, traced, so the
+    program is compiled once)."""
+    g = cfg.growth
+    if g is None or g.op_name != "random" or g.grow_steps == 0:
+        return params
+    from jscale import growth
+    m = jnp.minimum(step.astype(jnp.float32) / g.grow_steps, 1.0)
+    return growth.blend(params, growth.blend_factors(cfg.source_config().model, cfg.model), m)
+
+
 def train_step(state: TrainState, batch: dict[str, Array], *, cfg: RunConfig,
                optimizer: optax.GradientTransformation) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer update (pure: jit it, or vmap it over members). The gradient is taken with
     respect to the parameters only; the model state comes back updated from the forward pass.
     With ``train.trainable`` a group, the other parameters are frozen: no gradient flows to them
-    (``stop_gradient``: XLA drops their backward matmuls) and their update is zero."""
+    (``stop_gradient``: XLA drops their backward matmuls) and their update is zero. A run grown by
+    ``random`` computes with :func:`effective_params` (the gradient flows through the blend)."""
     keys = trainable_keys(cfg)
     (loss, (aux, model_state)), grads = jax.value_and_grad(
-        lambda p, *a: loss_and_state(_frozen(p, keys, jax.lax.stop_gradient), *a), has_aux=True)(
-        state.params, batch, cfg.model, state.model_state)
+        lambda p, *a: loss_and_state(
+            effective_params(_frozen(p, keys, jax.lax.stop_gradient), state.step, cfg), *a),
+        has_aux=True)(state.params, batch, cfg.model, state.model_state)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     updates = _frozen(updates, keys, jnp.zeros_like)
     params = optax.apply_updates(state.params, updates)
@@ -208,9 +230,11 @@ def member_step(state: TrainState, alive: Array, batch: dict[str, Array], active
     return state, alive, metrics
 
 
-def eval_loss(state: TrainState, batch: dict[str, Array], model_cfg: Any) -> Array:
-    """Mean cross-entropy of ``batch`` under the state's parameters and model state."""
-    return loss_fn(state.params, batch, model_cfg, state.model_state)[1]["ce_loss"]
+def eval_loss(state: TrainState, batch: dict[str, Array], cfg: RunConfig) -> Array:
+    """Mean cross-entropy of ``batch`` under the state's (:func:`effective_params`) parameters and
+    model state."""
+    params = effective_params(state.params, state.step, cfg)
+    return loss_fn(params, batch, cfg.model, state.model_state)[1]["ce_loss"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,21 +264,27 @@ def state_shardings(cfg: RunConfig, optimizer: optax.GradientTransformation,
 
 
 def make_init_state(cfg: RunConfig, optimizer: optax.GradientTransformation,
-                    layout: sharding_lib.Layout | None = None, *, params: Any = None):
-    """``() -> TrainState``: a single run's :func:`init_state` (from ``params`` if given), placed on
-    ``layout``'s shardings when given."""
+                    layout: sharding_lib.Layout | None = None, *, params: Any = None,
+                    opt_state: Any = None):
+    """``() -> TrainState``: a single run's :func:`init_state` (from ``params`` and ``opt_state``
+    if given), placed on ``layout``'s shardings when given."""
     if params is not None:  # copies: the train step donates the state, not the caller's arrays
         check_params(params, cfg)
+    if opt_state is not None and params is None:
+        raise ConfigError("opt_state: starting from an optimizer state needs its params too")
     if layout is None:
         if params is not None:
-            params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
-        return lambda: init_state(cfg, optimizer, params=params)
+            params, opt_state = jax.tree.map(lambda x: jnp.array(x, copy=True), (params, opt_state))
+        return lambda: init_state(cfg, optimizer, params=params, opt_state=opt_state)
     shardings = state_shardings(cfg, optimizer, layout)
     if params is None:
         return jax.jit(lambda: init_state(cfg, optimizer), out_shardings=shardings)
     placed = jax.tree.map(_place, params, shardings.params)
-    init = jax.jit(lambda p: init_state(cfg, optimizer, params=p), out_shardings=shardings)
-    return lambda: init(placed)
+    if opt_state is not None:  # the inner state's moments mirror the parameters
+        opt_state = jax.tree.map(np.asarray, opt_state)
+    init = jax.jit(lambda p, o: init_state(cfg, optimizer, params=p, opt_state=o),
+                   out_shardings=shardings)
+    return lambda: init(placed, opt_state)
 
 
 def _place(x: Any, sharding) -> Array:

@@ -143,24 +143,30 @@ def summary(cfg: RunConfig, log: RunLog, corpus: data_lib.Corpus, **extra: Any) 
 
 
 def lineage(source_cfg: RunConfig, source_step: int, *, source_run: str, growth_op: str,
-            source_lineage: Mapping[str, Any] | None = None) -> dict[str, Any]:
+            source_lineage: Mapping[str, Any] | None = None,
+            growth_flops: float = 0.0) -> dict[str, Any]:
     """Where a grown run comes from: ``source_run`` (its directory), ``source_step`` (the checkpoint
-    grown), ``growth_op`` (the ``--grow`` text) and the compute that went into that checkpoint —
+    grown), ``growth_op`` (the growth step's text) and the compute that went into that checkpoint —
     ``source_tokens`` and ``source_flops``, the source's training tokens and FLOPs up to
     ``source_step`` (:func:`summary`'s ``tokens`` and ``flops`` for a finished source) plus, when
-    the source was itself grown (``source_lineage``), its own sources' (a chain adds up)."""
+    the source was itself grown (``source_lineage``), its own sources' and growth's (a chain adds
+    up) — and ``growth_flops``, the compute of the growth step itself (G_learn's training of its
+    expansion: ``learn_steps`` steps of the big model's training FLOPs; 0 for the fixed maps)."""
     tc = source_cfg.train
     tokens = source_step * tc.batch_size * tc.seq_len
     flops = models.flops_per_token(source_cfg.model, tc.seq_len)["training"] * tokens
     if source_lineage is not None:
         tokens, flops = (tokens + source_lineage["source_tokens"],
-                         flops + source_lineage["source_flops"])
+                         flops + source_lineage["source_flops"]
+                         + source_lineage.get("growth_flops", 0.0))
     return {"source_run": source_run, "source_step": source_step, "growth_op": growth_op,
-            "source_tokens": tokens, "source_flops": flops}
+            "source_tokens": tokens, "source_flops": flops, "growth_flops": float(growth_flops)}
 
 
 def with_lineage(summary: Mapping[str, Any], lineage: Mapping[str, Any]) -> dict[str, Any]:
-    """A grown run's ``summary`` with its :func:`lineage` and the total compute, source included:
-    ``total_tokens`` (``tokens + source_tokens``) and ``total_flops`` (``flops + source_flops``)."""
+    """A grown run's ``summary`` with its :func:`lineage` and the total compute, source and growth
+    included: ``total_tokens`` (``tokens + source_tokens``) and ``total_flops`` (``flops +
+    source_flops + growth_flops``)."""
     return {**summary, **lineage, "total_tokens": summary["tokens"] + lineage["source_tokens"],
-            "total_flops": summary["flops"] + lineage["source_flops"]}
+            "total_flops": summary["flops"] + lineage["source_flops"]
+            + lineage.get("growth_flops", 0.0)}

@@ -21,7 +21,11 @@ from jscale.configpath import ConfigError
 BUILTIN = {"transformer": "jscale.models.transformer", "mamba": "jscale.models.mamba",
            "parscale": "jscale.models.parscale"}
 
+#: The module whose import registers the check of a ``RunConfig``'s growth section.
+GROWTH_CHECK = "jscale.growth.spec"
+
 _BY_NAME: dict[str, Any] = {}
+_GROWTH_CHECK: list[Any] = []
 _BY_CONFIG: dict[type, Any] = {}
 
 
@@ -73,3 +77,17 @@ def by_name(name: str) -> Any:
     if name not in _BY_NAME:
         raise ConfigError(f"model.family: unknown family {name!r} (registered: {names()})")
     return _BY_NAME[name]
+
+
+def register_growth_check(fn: Any) -> Any:
+    """Register ``fn(run_cfg)``, the check of a ``RunConfig``'s ``growth`` section (the growth
+    operators live above the config; :mod:`jscale.growth.spec` registers it); returns it."""
+    _GROWTH_CHECK[:] = [fn]
+    return fn
+
+
+def growth_check() -> Any:
+    """The registered growth-section check (imports :data:`GROWTH_CHECK` first if needed)."""
+    if not _GROWTH_CHECK:
+        importlib.import_module(GROWTH_CHECK)
+    return _GROWTH_CHECK[0]

@@ -15,10 +15,10 @@ Output directory layout (``out_dir``):
   from the newest complete one and reproduces the uninterrupted run exactly (bitwise on CPU).
 * Only process 0 writes these files; on a mesh (``cfg.mesh``, see :mod:`jscale.sharding`) every
   process trains its share and takes part in the checkpoints.
-* ``lineage.json`` — a grown run only (:func:`grown_params_from`, ``jscale train --init-from RUN
-  --grow OP``), written before its first step: :func:`jscale.records.lineage` — ``source_run``,
-  ``source_step``, ``growth_op``, ``source_tokens``, ``source_flops``. A rerun must bring the same
-  lineage (it resumes from the run's own checkpoint, not from the source).
+* ``lineage.json`` — a grown run only (``cfg.growth``, :func:`grow_start`; ``jscale train
+  --init-from RUN --grow OP``), written before its first step: :func:`jscale.records.lineage` —
+  ``source_run``, ``source_step``, ``growth_op``, ``source_tokens``, ``source_flops``,
+  ``growth_flops``. A rerun resumes from the run's own checkpoint, not from the source.
 * ``summary.json`` — written at the end (:func:`jscale.records.summary`): ``final_train_loss`` (mean
   training loss of the last ``FINAL_LOSS_STEPS`` optimizer steps — steps, not logged rows — or of
   every step of a shorter run), ``final_eval_loss`` (on ``eval_tokens`` validation tokens spread
@@ -31,6 +31,7 @@ Output directory layout (``out_dir``):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -43,12 +44,12 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jscale import core, files, growth, models, optim, records
+from jscale import configpath, core, files, growth, models, optim, records
 from jscale import data as data_lib
 from jscale import mesh as mesh_lib
 from jscale import sharding as sharding_lib
 from jscale.checkpoint import Checkpointer
-from jscale.config import ConfigError, RunConfig
+from jscale.config import ConfigError, GrowthConfig, RunConfig
 
 # The single-run names of the core, also importable from here:
 from jscale.core import TrainState, init_state, loss_fn, make_init_state, make_layout  # noqa: F401
@@ -75,7 +76,7 @@ def make_eval_step(cfg: RunConfig, layout: sharding_lib.Layout | None = None,
                    state_sharding: Any = None):
     """Jitted ``(state, batch) -> mean cross-entropy`` (replicated under a ``layout``)."""
     def evaluate(state, batch):
-        return core.eval_loss(state, batch, cfg.model)
+        return core.eval_loss(state, batch, cfg)
     if layout is None:
         return jax.jit(evaluate)
     return jax.jit(sharding_lib.traced_under(layout, evaluate),
@@ -146,47 +147,121 @@ def init_params_from(source: str | os.PathLike, cfg: RunConfig) -> Any:
     return jax.tree_util.tree_map_with_path(take, fresh)
 
 
-def grown_params_from(source: str | os.PathLike, cfg: RunConfig,
-                      grow: str) -> tuple[Any, dict[str, Any]]:
-    """``(params, lineage)`` to pass to :func:`train` (``init_params=``, ``lineage=``): the newest
-    checkpoint of the jscale run in ``source`` grown into ``cfg``'s model by the growth step
-    ``grow`` (``OP[:G[:PLACEMENT]]``, e.g. ``"stack:4"``; :mod:`jscale.growth.spec`), and where it
-    comes from (:func:`jscale.records.lineage`).
-
-    The target shape is ``cfg``'s: a depth other than ``G`` × the source's, or a shape the operator
-    cannot make from the source's, raises :class:`ConfigError` naming ``--grow`` and both shapes.
-    ``direct_width``'s random choices use a key from ``cfg.train.seed``. Only the parameters are
-    grown: the optimizer state starts fresh, and the source's non-gradient model state (an MoE
-    router bias) is not carried over. A Hugging Face directory is refused: it has no checkpoint
-    step and no training compute to record (start from it with plain ``init_params_from``).
-    """
-    spec = growth.parse_spec(grow)
+def _source_run(source: str | os.PathLike, field: str = "--init-from") -> tuple[Path, RunConfig]:
+    """A growth source's directory and config; refuses what cannot be grown."""
     src = Path(source).resolve()
     if any(src.glob("*.safetensors")):
-        raise ConfigError(f"--init-from {src}: --grow grows a jscale run directory (config.json "
-                          "and checkpoints/), whose training compute the grown run records; a "
-                          "Hugging Face checkpoint has none (use it without --grow)")
+        raise ConfigError(f"{field} {src}: growth grows a jscale run directory (config.json and "
+                          "checkpoints/), whose training compute the grown run records; a Hugging "
+                          "Face checkpoint has none (use it without --grow)")
     if not ((src / "config.json").exists() and (src / "checkpoints").is_dir()):
-        raise ConfigError(f"--init-from {src}: not a jscale run directory (config.json and "
-                          "checkpoints/): --grow grows a run's newest checkpoint")
-    src_cfg = RunConfig.from_dict(json.loads((src / "config.json").read_text()))
+        raise ConfigError(f"{field} {src}: not a jscale run directory (config.json and "
+                          "checkpoints/): growth grows a run's newest checkpoint")
     if not any(p.name.isdigit() for p in (src / "checkpoints").iterdir()):  # orbax: <step>/
-        raise ConfigError(f"--init-from {src}: the run has no complete checkpoint to grow yet")
+        raise ConfigError(f"{field} {src}: the run has no complete checkpoint to grow yet")
+    return src, RunConfig.from_dict(json.loads((src / "config.json").read_text()))
+
+
+def _text(value: Any) -> str:
+    """``value`` as ``--set`` text that :meth:`RunConfig.override` reads back."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(_text(v) for v in value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def with_growth(cfg: RunConfig, source: str | os.PathLike, grow: str, *, grow_steps: int = 0,
+                optimizer_state: bool = False, learn_steps: int | None = None) -> RunConfig:
+    """``cfg`` with the :class:`~jscale.config.GrowthConfig` that describes growing the jscale run in
+    ``source`` by ``grow`` (``OP[:G[:PLACEMENT]]``; ``jscale train --init-from RUN --grow OP``):
+    ``source_steps`` the source's ``train.steps`` and ``source`` the model fields in which the
+    source differs from this run (beyond the depth factor). Raises :class:`ConfigError` naming
+    ``--grow`` and both shapes when the operator cannot make this run's model from the source's."""
+    spec = growth.parse_spec(grow)
+    src, src_cfg = _source_run(source)
     spec.check(src_cfg.model, cfg.model)
+    target = configpath.flatten(cfg.model, "model")
+    if spec.factor is not None:
+        derived_n = {"model.n_layers": cfg.model.n_layers // spec.factor}
+        if getattr(cfg.model, "moe", None) is not None:
+            derived_n["model.moe.first_dense_layers"] = (cfg.model.moe.first_dense_layers
+                                                         // spec.factor)
+        target.update(derived_n)
+    items = tuple(f"{k}={_text(v)}" for k, v in configpath.flatten(src_cfg.model, "model").items()
+                  if k not in target or target[k] != v)
+    try:
+        out = dataclasses.replace(cfg, growth=GrowthConfig(
+            op=grow, source_steps=src_cfg.train.steps, source=items, grow_steps=grow_steps,
+            optimizer_state=optimizer_state, learn_steps=learn_steps))
+    except ConfigError as e:
+        raise ConfigError(f"--grow: {grow!r} cannot grow {src} into this run: {e} (source: "
+                          f"{models.describe(src_cfg.model)}; this run: "
+                          f"{models.describe(cfg.model)})") from None
+    if out.source_config().model != src_cfg.model:
+        raise ConfigError(f"--init-from {src}: its model cannot be written as growth.source "
+                          f"overrides of this run ({', '.join(items)})")
+    return out
+
+
+def grow_start(cfg: RunConfig, source: str | os.PathLike, *,
+               batches: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+    """``(params, opt_state, lineage)`` that start the grown run ``cfg`` (``cfg.growth`` set) from
+    the newest checkpoint of the jscale run in ``source``, whose model must be the source model
+    ``cfg.growth`` describes: the parameters grown by ``growth.op``, the Adam moments grown with
+    them when ``growth.optimizer_state`` (else ``opt_state`` is ``None``: fresh), and where they
+    come from (:func:`jscale.records.lineage`). The random choices (``direct_width``'s copies,
+    ``random``'s new parameters, ``learn``'s width init) use a key from ``cfg.train.seed``.
+    ``learn`` trains its expansion on ``batches`` (an iterator of training batches; default: this
+    run's training data with the seed folded, so it does not replay the run's own order). The
+    source's non-gradient model state (an MoE router bias) is not carried over."""
+    g = cfg.growth
+    if g is None:
+        raise ConfigError("growth: the run has no growth section; nothing to grow")
+    src, src_cfg = _source_run(source, "growth source")
+    want = cfg.source_config().model
+    if src_cfg.model != want:
+        raise ConfigError(f"growth.source: {src} holds a {models.describe(src_cfg.model)} model; "
+                          f"this run's growth section describes a {models.describe(want)} source")
+    spec = growth.parse_spec(g.op, field="growth.op")
     state = load_state(src_cfg, src)
     step = int(state.step)
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1)  # the growth key
+    options, growth_flops = dict(spec.options), 0.0
+    if spec.op == "learn":
+        steps = g.learn_steps or g.DEFAULT_LEARN_STEPS
+        if batches is None:
+            batches = _learn_batches(cfg)
+        options.update(batches=batches, steps=steps, lr=cfg.optim.lr)
+        tokens = steps * cfg.train.batch_size * cfg.train.seq_len
+        growth_flops = models.flops_per_token(cfg.model, cfg.train.seq_len)["training"] * tokens
     try:
-        params = growth.grow(state.params, src_cfg.model, cfg.model, spec.op, key=key,
-                             **spec.options)
+        params = growth.grow(state.params, src_cfg.model, cfg.model, spec.op, key=key, **options)
     except ConfigError as e:
-        raise ConfigError(f"--grow: {str(spec)!r} cannot grow {src} into this run: {e} (source: "
-                          f"{models.describe(src_cfg.model)}; this run: "
+        raise ConfigError(f"growth.op: {str(spec)!r} cannot grow {src} into this run: {e} "
+                          f"(source: {models.describe(src_cfg.model)}; this run: "
                           f"{models.describe(cfg.model)})") from None
+    opt_state = None
+    if g.optimizer_state:
+        opt_state = growth.grow_optimizer_state(state.opt_state, state.params, src_cfg.model,
+                                                cfg.model, spec.op, key=key, **spec.options)
     src_lineage = (json.loads((src / "lineage.json").read_text())
                    if (src / "lineage.json").exists() else None)
-    return params, records.lineage(src_cfg, step, source_run=str(src), growth_op=str(spec),
-                                   source_lineage=src_lineage)
+    return params, opt_state, records.lineage(src_cfg, step, source_run=str(src),
+                                              growth_op=str(spec), source_lineage=src_lineage,
+                                              growth_flops=growth_flops)
+
+
+def _learn_batches(cfg: RunConfig):
+    """G_learn's batches: the run's training split, in an order of their own (seed folded)."""
+    tc = cfg.train
+    corpus = data_lib.load_corpus(cfg.data, cfg.model.vocab_size, tc.seq_len)
+    seed = int(jax.random.randint(jax.random.fold_in(jax.random.PRNGKey(tc.seed), 2), (), 0,
+                                  2**30))
+    return iter(data_lib.train_dataset(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
+                                       seed=seed))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -345,30 +420,53 @@ def _report(out: Path, summary: dict[str, Any]) -> None:
 
 
 def train(cfg: RunConfig, out_dir: str | os.PathLike, *, quiet: bool = False,
-          init_params: Any = None, lineage: dict[str, Any] | None = None) -> dict[str, Any]:
+          init_params: Any = None, lineage: dict[str, Any] | None = None,
+          grow_from: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir`` (resuming if it holds a checkpoint); return the summary dict.
 
     ``init_params``: start from these parameters (the family's tree, e.g. another run's
-    :func:`load_state` ``.params`` or a growth operator's output) instead of a fresh init; the
-    optimizer state is fresh, and a resumed run continues from its own checkpoint. ``lineage``
-    (with a grown run's ``init_params``, both from :func:`grown_params_from`): recorded in
-    ``lineage.json`` before the first step and merged into the summary with the total compute
-    (:func:`jscale.records.with_lineage`); a rerun must pass the same. Raises
-    :class:`~jscale.config.ConfigError` before any training when the config, the data or the
-    output directory cannot work. A run whose ``summary.json`` already exists is not retrained.
+    :func:`load_state` ``.params``) instead of a fresh init; the optimizer state is fresh, and a
+    resumed run continues from its own checkpoint. A grown run (``cfg.growth`` set, e.g. by
+    :func:`with_growth`) needs ``grow_from``, the source run's directory: on its first start it is
+    grown from there (:func:`grow_start`), its ``lineage.json`` written before the first step; a
+    rerun resumes from its own checkpoints and keeps the recorded lineage. ``lineage`` (with
+    ``init_params`` grown by hand): recorded in ``lineage.json`` the same way. The summary of a
+    grown run carries the lineage and the total compute (:func:`jscale.records.with_lineage`).
+    Raises :class:`~jscale.config.ConfigError` before any training when the config, the data or
+    the output directory cannot work. A run whose ``summary.json`` already exists is not retrained.
     """
     out, tc = Path(out_dir), cfg.train
+    if cfg.growth is not None and grow_from is None and not (out / "lineage.json").exists():
+        raise ConfigError("growth: a grown run needs the source run's directory to grow from "
+                          "(train(..., grow_from=DIR); jscale train --init-from DIR --grow OP)")
+    if cfg.growth is None and grow_from is not None:
+        raise ConfigError("grow_from: given for a run with no growth section (set growth, e.g. "
+                          "with jscale.train.with_growth)")
+    if cfg.growth is not None and (init_params is not None or lineage is not None):
+        raise ConfigError("init_params: a run with a growth section grows its own start from "
+                          "grow_from; pass neither init_params nor lineage")
     layout = make_layout(cfg)
     primary = mesh_lib.is_primary()  # only process 0 writes files; every process checkpoints
     _prepare_out_dir(cfg, out, write=primary)
     finished = (out / "summary.json").exists()
-    lineage = _prepare_lineage(out, lineage, finished=finished, write=primary)
+    init_opt = None
+    if cfg.growth is not None:
+        ckpts = out / "checkpoints"
+        started = ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+        if (out / "lineage.json").exists() and (started or finished):
+            lineage = json.loads((out / "lineage.json").read_text())
+        else:
+            init_params, init_opt, lineage = grow_start(cfg, grow_from)
+            if primary:
+                files.atomic_write_json(out / "lineage.json", lineage)
+    else:
+        lineage = _prepare_lineage(out, lineage, finished=finished, write=primary)
     if finished:
         return json.loads((out / "summary.json").read_text())
     data = _Data(cfg, layout)
     optimizer = optim.make_optimizer(cfg.optim, tc.steps)
     step_fn = make_train_step(cfg, optimizer, layout)
-    state = make_init_state(cfg, optimizer, layout, params=init_params)()
+    state = make_init_state(cfg, optimizer, layout, params=init_params, opt_state=init_opt)()
     eval_fn = make_eval_step(cfg, layout, jax.tree.map(lambda x: x.sharding, state))
     ckpt = Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints)
     state, start, prior_wall, log = _resume(cfg, out, ckpt, state, data, primary)

@@ -1,4 +1,5 @@
-"""Growth in training (``jscale train --init-from RUN --grow OP``, :func:`jscale.train.grown_params_from`):
+"""Growth in training (``jscale train --init-from RUN --grow OP``, :func:`jscale.train.with_growth`,
+:func:`jscale.train.grow_start`):
 the ``--grow`` grammar, the grown run starting from the operator's output of the source's newest
 checkpoint, a function-preserving operator continuing the source's loss, the lineage and total
 compute in ``summary.json``, resume after SIGKILL, and bad input (exit 2, one line naming the flag).
@@ -16,11 +17,11 @@ import pytest
 from helpers import env, finish, kill_mid_training, metrics_rows, micro_cfg, train_args
 from tolerances import F32_REORDER
 
-from jscale import core, growth, models, records
+from jscale import core, growth, models, optim, records
 from jscale import data as data_lib
 from jscale.cli import main as cli_main
 from jscale.config import ConfigError
-from jscale.train import grown_params_from, load_state
+from jscale.train import grow_start, load_state, with_growth
 
 COMMON = ["train.batch_size=4", "train.seq_len=32", "train.eval_batches=2", "optim.warmup_steps=2"]
 #: The source: ``tiny`` with one layer, 4 steps (its newest checkpoint is the last step's).
@@ -29,6 +30,12 @@ SMALL = COMMON + ["model.n_layers=1", "train.steps=4", "train.log_every=2", "tra
 #: The grown run: two layers, 12 steps, a row every step, checkpoints every 4.
 BIG = COMMON + ["model.n_layers=2", "train.steps=12", "train.log_every=1", "train.eval_every=12",
                 "train.checkpoint_every=4"]
+
+
+def grown_params_from(source, cfg, op: str):
+    """``(params, lineage)`` of ``cfg`` grown from the run in ``source`` by ``op``."""
+    params, _, lineage = grow_start(with_growth(cfg, source, op), source)
+    return params, lineage
 
 
 def grow_args(out, source, op: str, overrides=BIG) -> list[str]:
@@ -73,7 +80,9 @@ def grown_run(small_run, tmp_path_factory):
     ("zero:2", "zero:2", 2, {"placement": "interleave"}),
     ("zero:2:interleave", "zero:2", 2, {"placement": "interleave"}),
     ("zero:3:end", "zero:3:end", 3, {"placement": "end"}),
-    ("zero", "zero", None, {}), ("direct_width", "direct_width", None, {})])
+    ("zero", "zero", None, {}), ("direct_width", "direct_width", None, {}),
+    ("random:2", "random:2", 2, {}), ("random", "random", None, {}),
+    ("learn:2", "learn:2", 2, {}), ("learn", "learn", None, {})])
 def test_grow_grammar(text, canonical, factor, options):
     spec = growth.parse_spec(text)
     assert (str(spec), spec.factor, spec.options) == (canonical, factor, options)
@@ -85,7 +94,7 @@ def test_grow_grammar(text, canonical, factor, options):
     ("stack:1", "integer >= 2"), ("stack:x", "integer >= 2"), ("stack:-2", "integer >= 2"),
     ("stack", "write stack:G"), ("interpolate", "write interpolate:G"),
     ("direct_width:2", "no :G"), ("splice:2", "unknown growth operator 'splice'"),
-    ("random:2", "'random' is not built yet"), ("learn", "'learn' is not built yet"),
+    ("random:2:end", "placement"),
     ("zero:2:middle", "placement"), ("stack:2:end", "placement"), ("zero:2:end:x", "':' fields")])
 def test_grow_grammar_refusals_name_the_flag(text, match):
     with pytest.raises(ConfigError, match=r"^--grow: .*" + match):
@@ -105,13 +114,19 @@ def test_lineage_counts_the_source_and_its_own_sources():
     fpt = models.flops_per_token(cfg.model, 32)["training"]
     first = records.lineage(cfg, 4, source_run="/a", growth_op="stack:2")
     assert first == {"source_run": "/a", "source_step": 4, "growth_op": "stack:2",
-                     "source_tokens": 4 * 4 * 32, "source_flops": fpt * (4 * 4 * 32)}
+                     "source_tokens": 4 * 4 * 32, "source_flops": fpt * (4 * 4 * 32),
+                     "growth_flops": 0.0}
     chained = records.lineage(cfg, 2, source_run="/b", growth_op="zero:2", source_lineage=first)
     assert chained["source_tokens"] == 2 * 4 * 32 + first["source_tokens"]
     assert chained["source_flops"] == fpt * (2 * 4 * 32) + first["source_flops"]
     summary = records.with_lineage({"tokens": 10, "flops": 7.0}, first)
     assert summary["total_tokens"] == 10 + first["source_tokens"]
     assert summary["total_flops"] == 7.0 + first["source_flops"]
+    learned = records.lineage(cfg, 4, source_run="/a", growth_op="learn:2", growth_flops=5.0)
+    assert records.with_lineage({"tokens": 10, "flops": 7.0}, learned)["total_flops"] == (
+        7.0 + first["source_flops"] + 5.0)
+    chained = records.lineage(cfg, 2, source_run="/b", growth_op="zero:2", source_lineage=learned)
+    assert chained["source_flops"] == fpt * (2 * 4 * 32) + first["source_flops"] + 5.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,7 +142,7 @@ def _exit_2(capsys, args) -> str:
 
 @pytest.mark.parametrize("op,match", [("stack:1", "--grow: the depth factor G"),
                                       ("stack", "--grow: 'stack' grows the depth"),
-                                      ("random:2", "--grow: growth operator 'random'")])
+                                      ("splice:2", "--grow: unknown growth operator")])
 def test_bad_grow_exits_2(capsys, tmp_path, op, match):
     assert match in _exit_2(capsys, grow_args(tmp_path / "out", tmp_path, op))
 
@@ -188,7 +203,7 @@ def test_grown_run_starts_from_the_grown_checkpoint_and_records_its_lineage(smal
     small = json.loads((small_run / "summary.json").read_text())
     assert json.loads((grown_run / "lineage.json").read_text()) == lineage == {
         "source_run": str(small_run.resolve()), "source_step": 4, "growth_op": "stack:2",
-        "source_tokens": small["tokens"], "source_flops": small["flops"]}
+        "source_tokens": small["tokens"], "source_flops": small["flops"], "growth_flops": 0.0}
     summary = json.loads((grown_run / "summary.json").read_text())
     assert {k: summary[k] for k in lineage} == lineage
     assert summary["total_flops"] == summary["flops"] + small["flops"]
@@ -221,11 +236,68 @@ def test_grown_run_resumes_bitwise_after_sigkill(small_run, grown_run, tmp_path,
                              *grow_args(out, small_run, "stack:2")], env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     assert metrics_rows(out) == metrics_rows(grown_run)
-    cfg = micro_cfg(BIG)
+    cfg = with_growth(micro_cfg(BIG), small_run, "stack:2")
     jax.tree.map(np.testing.assert_array_equal, load_state(cfg, out), load_state(cfg, grown_run))
     got, want = (json.loads((d / "summary.json").read_text()) for d in (out, grown_run))
     assert {k: v for k, v in got.items() if k != "wall_time_s"} == {
         k: v for k, v in want.items() if k != "wall_time_s"}
-    # A rerun must bring the same lineage.
+    # A rerun must bring the same growth.
     err = _exit_2(capsys, grow_args(out, small_run, "interpolate:2"))
-    assert "another lineage" in err and "growth_op: 'stack:2' -> 'interpolate:2'" in err
+    assert "different config" in err and "growth.op: 'stack:2' -> 'interpolate:2'" in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# G_random, G_learn and grown optimizer state from the command line
+
+
+@pytest.mark.slow
+def test_random_growth_starts_from_the_source_function(small_run, tmp_path):
+    """``--grow random:2 --grow-steps 2``: at step 0 the blend is 0, so the first loss is the
+    source model's on that batch; config.json records the growth section."""
+    out, few = tmp_path / "random", BIG + ["train.steps=3", "train.checkpoint_every=3"]
+    assert cli_main(grow_args(out, small_run, "random:2", few) + ["--grow-steps", "2"]) == 0
+    small_cfg = micro_cfg(SMALL)
+    source = load_state(small_cfg, small_run).params
+    np.testing.assert_allclose(metrics_rows(out)[0]["loss"], batch_loss(source, small_cfg),
+                               **F32_REORDER)
+    saved = json.loads((out / "config.json").read_text())["growth"]
+    assert saved["op"] == "random:2" and saved["grow_steps"] == 2 and saved["source_steps"] == 4
+
+
+@pytest.mark.slow
+def test_grown_optimizer_state_is_the_first_step_s_adam_state(small_run, tmp_path):
+    """``--grow-optimizer-state``: the run's one step is the step from the grown params *and* the
+    source's Adam moments grown by the same maps (and differs from a fresh optimizer's)."""
+    out, one = tmp_path / "moments", BIG + ["train.steps=1", "train.checkpoint_every=1"]
+    assert cli_main(grow_args(out, small_run, "zero:2", one) + ["--grow-optimizer-state"]) == 0
+    cfg = with_growth(micro_cfg(one), small_run, "zero:2", optimizer_state=True)
+    params, opt_state, _ = grow_start(cfg, small_run)
+    src = load_state(micro_cfg(SMALL), small_run)
+    jax.tree.map(np.testing.assert_array_equal, opt_state, growth.grow_optimizer_state(
+        src.opt_state, src.params, micro_cfg(SMALL).model, cfg.model, "zero"))
+    optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    step = jax.jit(lambda s, b: core.train_step(s, b, cfg=cfg, optimizer=optimizer)[0])
+    want = step(core.init_state(cfg, optimizer, params=params, opt_state=opt_state),
+                first_batch(cfg))
+    got = load_state(cfg, out)
+    jax.tree.map(np.testing.assert_array_equal, got.params, want.params)
+    fresh = step(core.init_state(cfg, optimizer, params=params), first_batch(cfg))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got.params),
+                                                        jax.tree.leaves(fresh.params), strict=True))
+
+
+@pytest.mark.slow
+def test_learned_growth_counts_its_compute(small_run, tmp_path):
+    out, one = tmp_path / "learn", BIG + ["train.steps=1", "train.checkpoint_every=1"]
+    assert cli_main(grow_args(out, small_run, "learn:2", one) + ["--learn-steps", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    cfg = micro_cfg(one)
+    fpt = models.flops_per_token(cfg.model, 32)["training"]
+    assert summary["growth_op"] == "learn:2" and summary["growth_flops"] == fpt * (2 * 4 * 32)
+    small = json.loads((small_run / "summary.json").read_text())
+    assert summary["total_flops"] == summary["flops"] + small["flops"] + summary["growth_flops"]
+
+
+def test_growth_flags_without_grow_exit_2(capsys, tmp_path):
+    err = _exit_2(capsys, train_args(tmp_path / "out", BIG) + ["--grow-steps", "3"])
+    assert "--grow-steps" in err and "go with --grow" in err

@@ -50,19 +50,29 @@ def test_plan_spends_the_scratch_budget_on_every_grown_run(stacking, preset, ove
         ref, small = scratch[r.seed], by_name[r.source]
         assert order[r.source] < order[r.name]  # the small model trains first
         step = stacking.training_fpt(ref.cfg) * ref.cfg.train.batch_size * ref.cfg.train.seq_len
-        assert abs(_flops(stacking, small) + _flops(stacking, r) - _flops(stacking, ref)) <= step / 2
+        learn = (r.cfg.growth.learn_steps or 0) * step  # G_learn's LiGO steps count
+        assert (r.op == "learn") == (learn > 0)
+        assert abs(_flops(stacking, small) + learn + _flops(stacking, r)
+                   - _flops(stacking, ref)) <= step / 2
         assert r.cfg.model.n_layers == ref.cfg.model.n_layers == p["n_layers"]
-        assert small.cfg.model.n_layers * r.g == p["n_layers"]
+        assert r.cfg.source_config() == small.cfg  # the growth section describes the small run
+        if r.op == "direct_width":  # 1/g the width, the full depth
+            assert small.cfg.model.n_layers == p["n_layers"]
+            assert small.cfg.model.d_model * r.g == r.cfg.model.d_model
+        else:
+            assert small.cfg.model.n_layers * r.g == p["n_layers"]
+            assert small.cfg.model.d_model == r.cfg.model.d_model
+        assert (r.cfg.growth.grow_steps > 0) == (r.op == "random")
         assert r.d == small.cfg.train.steps * small.cfg.train.batch_size * small.cfg.train.seq_len
         assert small.cfg.train.seed == r.seed and r.cfg.train.seed == stacking.GROWN_SEED_OFFSET + r.seed
-        # same model otherwise, same optimizer
-        assert small.cfg.model.d_model == r.cfg.model.d_model and small.cfg.optim.lr == ref.cfg.optim.lr
+        assert small.cfg.optim.lr == ref.cfg.optim.lr  # same optimizer
     # the operator comparison shares its small model (hence g and d) with a G_stack setting
     others = [r for r in grown if r.op != "stack"]
     assert {r.op for r in others} == set(p["operators"])
     for r in others:
         assert r.g == p["op_setting"][0]
-        assert any(s.op == "stack" and s.source == r.source for s in grown)
+        if r.op != "direct_width":
+            assert any(s.op == "stack" and s.source == r.source for s in grown)
 
 
 def test_gpu_preset_refuses_without_a_corpus(stacking):
@@ -148,7 +158,7 @@ def test_analyze_recovers_a_known_speedup_and_reports_the_lower_bound(stacking, 
     assert stack["paper_speedup"]["mean_flag"] == "<"
     text = (tmp_path / "summary.txt").read_text()
     assert ">+1.500" in text and "<+1.500" in text  # (1e11 − 4e10) / 4e10, marked as bounds
-    assert "random (G_random): not built" in text and "learn (G_learn): not built" in text
+    assert summary["not_built"] == []  # every operator of the paper is built
     assert "guideline" in text and summary["best_d"]["2"]["d"] == 1000
     assert (tmp_path / "loss_vs_flops.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "summary.json").read_text())["conventions"] == stacking.CONVENTIONS
@@ -166,7 +176,8 @@ def test_crossing_flags_both_bounds(stacking):
 
 MICRO = dict(d_model=32, n_layers=2, head_dim=16, seq_len=16, batch_size=2, steps=8, lr=1e-2,
              warmup=1, eval_every=4, eval_batches=1, factors=(2,), fractions=(0.25,), seeds=(0,),
-             operators=(), op_setting=(2, 0.25), checkpoint_every=0)
+             operators=("random", "learn", "direct_width"), op_setting=(2, 0.25),
+             checkpoint_every=0, grow_fraction=0.25, learn_steps=2)
 
 
 @pytest.mark.slow
@@ -179,8 +190,12 @@ def test_micro_study_end_to_end(stacking, tmp_path, monkeypatch, capsys):
     assert json.loads((grown_dir / "lineage.json").read_text())["growth_op"] == "stack:2"
     assert grown["source_flops"] > 0
     assert abs(grown["total_flops"] - scratch["flops"]) <= scratch["flops"] / MICRO["steps"] / 2
+    for op in ("random", "learn", "direct_width"):
+        other = json.loads((tmp_path / f"grown-{op}-g2-d64-seed0" / "summary.json").read_text())
+        assert other["growth_op"] == (op if op == "direct_width" else f"{op}:2")
+        assert abs(other["total_flops"] - scratch["flops"]) <= scratch["flops"] / MICRO["steps"] / 2
     out = capsys.readouterr().out
-    assert "stack" in out and "best d" in out and "conventions" in out
+    assert "stack" in out and "best d" in out and "conventions" in out and "direct_width" in out
     mtime = (grown_dir / "summary.json").stat().st_mtime_ns
     assert stacking.main(["--preset", "micro", "--out", str(tmp_path), "--quiet"]) == 0  # resumes
     assert (grown_dir / "summary.json").stat().st_mtime_ns == mtime

@@ -44,6 +44,15 @@ def _build_parser() -> argparse.ArgumentParser:
                             "run's model (its shape from --preset/--set) and train on, recording "
                             "the source, the operator and the source's FLOPs (lineage.json; "
                             "total_flops in summary.json). " + grammar_help())
+    train.add_argument("--grow-steps", type=int, default=0, metavar="N",
+                       help="with --grow random[:G]: blend the new parameters in over the first N "
+                            "steps (a factor rising 0 -> 1; new layers compute x + m*block(x))")
+    train.add_argument("--grow-optimizer-state", action="store_true",
+                       help="with --grow: grow the source's Adam moments with the same operator "
+                            "(new entries zero) instead of starting a fresh optimizer state")
+    train.add_argument("--learn-steps", type=int, default=None, metavar="N",
+                       help="with --grow learn[:G]: train the LiGO expansion this many steps "
+                            "before materialising it (default 100)")
     add_distributed_arguments(train)
 
     sweep = sub.add_parser("sweep", help="run an experiment script's grid",
@@ -67,7 +76,7 @@ def _cmd_train(args) -> int:
     from jscale import presets
     from jscale.config import ConfigError, parse_overrides
     from jscale.mesh import initialize_from_args
-    from jscale.train import grown_params_from, init_params_from, train
+    from jscale.train import init_params_from, train, with_growth
 
     try:
         cfg = presets.get(args.preset).override(parse_overrides(args.overrides))
@@ -75,12 +84,18 @@ def _cmd_train(args) -> int:
             raise ConfigError("--grow: needs --init-from RUN_DIR, the run whose newest checkpoint "
                               "it grows")
         initialize_from_args(args)
-        init, lineage = None, None
+        grow_opts = {"grow_steps": args.grow_steps, "optimizer_state": args.grow_optimizer_state,
+                     "learn_steps": args.learn_steps}
+        if args.grow is None and (args.grow_steps or args.grow_optimizer_state
+                                  or args.learn_steps is not None):
+            raise ConfigError("--grow-steps, --grow-optimizer-state and --learn-steps go with "
+                              "--grow")
         if args.grow is not None:
-            init, lineage = grown_params_from(args.init_from, cfg, args.grow)
-        elif args.init_from is not None:
-            init = init_params_from(args.init_from, cfg)
-        train(cfg, args.out, quiet=args.quiet, init_params=init, lineage=lineage)
+            cfg = with_growth(cfg, args.init_from, args.grow, **grow_opts)
+            train(cfg, args.out, quiet=args.quiet, grow_from=args.init_from)
+        else:
+            init = None if args.init_from is None else init_params_from(args.init_from, cfg)
+            train(cfg, args.out, quiet=args.quiet, init_params=init)
     except KeyError as e:  # unknown preset
         print(f"jscale train: error: {e.args[0]}", file=sys.stderr)
         return 2

@@ -71,6 +71,19 @@ group ``h // (H/G)``), so old head ``(g, j)`` lands at ``g·H_big/G_big + j`` an
   ``g`` through the RMSNorm scales over D. Random duplicates of features would change the mean
   square in a way no scale undoes, so other factors are refused.
 
+**G_random** (``random``, :mod:`~jscale.growth.masked`): the new parameters drawn by
+``cfg_big``'s init (depth: new layers interleaved), blended in during the grown run by a factor
+``m`` rising 0 → 1 over ``growth.grow_steps`` steps — new layers compute ``x + m·block(x)``, new
+width entries are scaled by ``m`` — exactly ``zero``'s model at ``m = 0`` and the stored tree from
+``m = 1`` on (:func:`blend`, applied by :func:`jscale.core.effective_params`; ``m`` is traced: one
+compile).
+
+**G_learn** (``learn``, LiGO, Wang et al. 2023, :mod:`~jscale.growth.ligo`): the big parameters
+as linear expansions of the small ones — per-leaf depth matrices ``[L_big, L_small]`` and width
+matrices per grown kind tied across layers — started as ``stack``/``interpolate`` (depth) or
+``direct_width`` (width, so function-preserving at step 0), trained for ``steps`` Adam steps on the
+big model's loss over ``batches`` (only the matrices), then materialised into an ordinary tree.
+
 **Optimizer state.** :func:`grow_optimizer_state` grows every subtree of an optax state with the
 parameters' tree structure and shapes (Adam's ``mu`` and ``nu`` in :func:`jscale.optim.
 make_optimizer`'s ``inject_hyperparams(chain(clip, adamw))``) with the operator's maps: ``stack`` and
@@ -87,6 +100,7 @@ sees it; the index maps), :mod:`~jscale.growth.checks` (what is refused), :mod:`
 from __future__ import annotations
 
 from jscale.growth.checks import DEPTH_FIELDS, FAMILIES, FREE_FIELDS, WIDTH_FIELDS
+from jscale.growth.masked import blend, blend_factors
 from jscale.growth.ops import (
                                OPERATORS,
                                Operator,
@@ -95,7 +109,9 @@ from jscale.growth.ops import (
                                grow_optimizer_state,
                                growth_tokens,
                                interpolate,
+                               learn,
                                operator,
+                               random,
                                stack,
                                zero,
 )
@@ -103,6 +119,6 @@ from jscale.growth.plans import PLACEMENTS
 from jscale.growth.spec import GRAMMAR, GrowthSpec, grammar_help, parse_spec
 
 __all__ = ["DEPTH_FIELDS", "FAMILIES", "FREE_FIELDS", "GRAMMAR", "OPERATORS", "GrowthSpec",
-           "Operator", "PLACEMENTS", "WIDTH_FIELDS", "direct_width", "grammar_help", "grow",
-           "grow_optimizer_state", "growth_tokens", "interpolate", "operator", "parse_spec",
-           "stack", "zero"]
+           "Operator", "PLACEMENTS", "WIDTH_FIELDS", "blend", "blend_factors", "direct_width",
+           "grammar_help", "grow", "grow_optimizer_state", "growth_tokens", "interpolate", "learn",
+           "operator", "parse_spec", "random", "stack", "zero"]

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jscale.config import check
 from jscale.growth.checks import FAMILIES, check_params
 from jscale.growth.index import Array, Params, Path
+from jscale.growth.ligo import learn
+from jscale.growth.masked import random as _random_tree
 from jscale.growth.plans import (
     direct_width_plan,
     grow_moments,
@@ -103,6 +105,14 @@ def direct_width(params_small: Params, cfg_small: Any, cfg_big: Any,
                        plan=direct_width_plan, options=())
 
 
+def random(params_small: Params, cfg_small: Any, cfg_big: Any, key: Array | None = None) -> Params:
+    """G_random: new parameters drawn by ``cfg_big``'s init with ``key`` (depth: new layers
+    interleaved), blended in during training with a factor rising 0 → 1
+    (:mod:`jscale.growth.masked`: exact at 0 where ``zero`` is). The tree returned is the stored
+    parameters, not function-preserving by itself."""
+    return _random_tree(params_small, cfg_small, cfg_big, key)
+
+
 def grow_optimizer_state(opt_state_small: Any, params_small: Params, cfg_small: Any, cfg_big: Any,
                          op: str, *, key: Array | None = None, **options: Any) -> Any:
     """``opt_state_small`` (an optax state for ``params_small``) with every subtree that mirrors the
@@ -111,6 +121,8 @@ def grow_optimizer_state(opt_state_small: Any, params_small: Params, cfg_small: 
     ``direct_width`` — and everything else (counts, hyperparameters) kept. Pass the ``key`` and
     ``options`` given to :func:`grow`, so the moments follow the same choices."""
     found = operator(op)
+    check(found.plan is not None, "op", "has no fixed index maps to move the optimizer moments "
+          "with (G_learn's are learned): start a fresh optimizer state", op)
     check_params(params_small, cfg_small)
     return grow_moments(opt_state_small, key, treedef=jax.tree.structure(params_small),
                         shapes=tuple(tuple(jnp.shape(x)) for x in jax.tree.leaves(params_small)),
@@ -133,7 +145,6 @@ def growth_tokens(n_params: float, tokens: float) -> float:
 # ---------------------------------------------------------------------------------------------------
 # the table
 
-_TODO = ("needs the training-loop integration (jscale.core), which the lead builds")
 
 #: Every operator of Du et al. 2024 (G_direct as ``stack``/``interpolate``/``direct_width``,
 #: G_zero, G_random, G_learn), implemented or not (``supported``).
@@ -151,8 +162,12 @@ OPERATORS: dict[str, Operator] = {op.name: op for op in (
              direct_width_plan,
              "Net2Net/bert2BERT: new units copy random old ones, readers divided among the copies; "
              "d_model by an integer factor; exact"),
-    Operator("random", "depth or width", False, FAMILIES["random"], False, None, None,
-             "G_random: the new parameters freshly initialised (and masked in gradually); " + _TODO),
-    Operator("learn", "depth or width", False, FAMILIES["learn"], False, None, None,
-             "G_learn (LiGO): a linear growth map trained on the big model's loss; " + _TODO),
+    Operator("random", "depth or width", False, FAMILIES["random"], True, random, zero_plan,
+             "G_random (MSG-style): new parameters freshly initialised and blended in with a "
+             "factor m rising 0 -> 1 over growth.grow_steps (new layers x + m*block(x)); exact at "
+             "m = 0 where zero is"),
+    Operator("learn", "depth or width", False, FAMILIES["learn"], True, learn, None,
+             "G_learn (LiGO): linear depth/width expansion matrices, started as stack/interpolate "
+             "(depth) or direct_width (width), trained on the big model's loss (only the "
+             "matrices), then materialised; function-preserving only at step 0 of width growth"),
 )}

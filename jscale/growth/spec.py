@@ -4,12 +4,12 @@
 
 Grammar: ``OP[:G[:PLACEMENT]]``.
 
-* ``OP`` — an operator of :data:`jscale.growth.OPERATORS` (``random`` and ``learn`` are listed
-  there but not built yet: refused).
+* ``OP`` — an operator of :data:`jscale.growth.OPERATORS`.
 * ``G`` — the depth factor, an integer ≥ 2: the grown model has ``G`` times the source's layers.
   Required by the depth operators (``stack:4``, ``interpolate:2``), refused by the width operators
-  (``direct_width``), and for ``zero`` (depth or width) it decides: ``zero:2`` grows the depth,
-  ``zero`` the width. Width factors come from the two configs, not from the text.
+  (``direct_width``), and for the operators that grow either (``zero``, ``random``, ``learn``)
+  it decides: ``zero:2`` grows the depth, ``zero`` the width. Width factors come from the two
+  configs, not from the text.
 * ``PLACEMENT`` — zero depth growth only: ``interleave`` (the default) or ``end``
   (:data:`jscale.growth.PLACEMENTS`), e.g. ``zero:2:end``.
 
@@ -21,9 +21,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jscale import models
-from jscale.config import ConfigError
-from jscale.growth.checks import check_pair
+from jscale import models, registry
+from jscale.config import ConfigError, check
+from jscale.growth.checks import check_depth, check_pair, check_width
 from jscale.growth.index import model_spec
 from jscale.growth.ops import OPERATORS
 from jscale.growth.plans import PLACEMENTS
@@ -121,3 +121,32 @@ def grammar_help() -> str:
             f"width operators take none, the configs give the widths (zero, direct_width); "
             f"PLACEMENT, for zero depth growth: {' or '.join(PLACEMENTS)} (default "
             f"{PLACEMENTS[0]}). Operators: {ops}")
+
+
+@registry.register_growth_check
+def check_run(cfg: Any) -> None:
+    """Refuse (:class:`~jscale.config.ConfigError` naming the ``growth.*`` field) a run config whose
+    growth section cannot work: ``growth.op`` outside the grammar, the per-operator fields given to
+    another operator, ``grow_steps`` past the run, or a source — :meth:`RunConfig.source_config` —
+    the operator cannot grow into this run's model. :class:`~jscale.config.RunConfig` calls it
+    through the registry (the config sits below the growth operators)."""
+    g = cfg.growth
+    step = parse_spec(g.op, field="growth.op")
+    check(g.grow_steps == 0 or step.op == "random", "growth.grow_steps",
+          f"blends new parameters in for the 'random' operator only (growth.op={g.op!r})",
+          g.grow_steps)
+    check(g.grow_steps <= cfg.train.steps, "growth.grow_steps",
+          f"must be <= train.steps={cfg.train.steps} (the blend must end within the run)",
+          g.grow_steps)
+    check(g.learn_steps is None or step.op == "learn", "growth.learn_steps",
+          f"trains the LiGO expansion of the 'learn' operator only (growth.op={g.op!r})",
+          g.learn_steps)
+    check(not (g.optimizer_state and step.op == "learn"), "growth.optimizer_state",
+          "'learn' has no fixed index maps to grow the moments with; start a fresh optimizer")
+    source = cfg.source_config().model
+    step.check(source, cfg.model, field="growth.op")
+    try:
+        (check_width if step.factor is None else check_depth)(source, cfg.model, step.op)
+    except ConfigError as e:
+        raise ConfigError(f"growth.op: {g.op!r} cannot grow the source this section describes "
+                          f"into this run's model: {e}") from None

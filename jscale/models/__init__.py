@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jscale import registry
 from jscale.laws.allocation import interpolated_flops_per_token
@@ -58,6 +59,21 @@ def forward(params: dict[str, Any], tokens_BT: Array, cfg: Any, *,
     x_BTD, aux, new_state = family.hidden(params, x_BTD, cfg, segment_ids_BT=segment_ids_BT,
                                           model_state=model_state, layer_inputs=layer_inputs)
     return family.head(params, x_BTD, cfg), aux, new_state
+
+
+def loss_and_state(params: dict[str, Any], batch: dict[str, Array], cfg: Any,
+                   model_state: Any = None) -> tuple[Array, tuple[dict[str, Array], Any]]:
+    """The training loss: ``(loss, (metrics, new_model_state))`` — mean next-token cross-entropy
+    (float32) of ``batch`` (``inputs``, ``targets`` and optionally ``segment_ids``, each ``[B, T]``)
+    plus every auxiliary ``*_loss`` the model reports; ``metrics`` holds ``ce_loss`` and every aux
+    value."""
+    logits_BTV, aux, new_state = forward(params, batch["inputs"], cfg,
+                                         segment_ids_BT=batch.get("segment_ids"),
+                                         model_state=model_state)
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BTV.astype(jnp.float32), batch["targets"]).mean()
+    total = ce + sum((v for k, v in aux.items() if k.endswith("_loss")), jnp.zeros((), jnp.float32))
+    return total, ({"ce_loss": ce, **aux}, new_state)
 
 
 def apply(params: dict[str, Any], tokens_BT: Array, cfg: Any, *,

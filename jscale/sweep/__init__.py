@@ -7,6 +7,9 @@
   at a time, or ``vmap`` where a timed probe finds it clearly faster), and writes
   ``out_dir/results.jsonl``; a rerun skips finished runs. :func:`load` reads the table back, with
   ``in_latest_grid`` marking the runs of the latest grid run into the directory.
+* Grown runs: a member with a ``growth`` section brings its source run into the sweep (trained
+  once, however many members grow from it); both train as single runs in ``out_dir/runs/`` and the
+  grown row records its lineage (:mod:`jscale.sweep.lineage`).
 * Scripts: an experiment file defines ``grid(preset)`` and optionally ``analyze(df, out_dir)`` and
   ends with ``jscale.cli.experiment(grid, analyze)``; ``jscale sweep FILE --preset P --out DIR`` runs
   it (:mod:`jscale.cli.script`).

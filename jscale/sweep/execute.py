@@ -9,6 +9,12 @@ exactly the unfinished chunks, with the same members, and so reproduces an unint
 ``strategy="auto"`` decides per chunk by a timed probe of both strategies, recorded per chunk so a
 resumed sweep trains every chunk as the uninterrupted one did (:mod:`jscale.sweep.strategy`). Each
 member's rows and result come from :mod:`jscale.records`, as a single run's do.
+
+Grown runs (a ``growth`` section, :class:`~jscale.config.GrowthConfig`) and the sources they grow
+from take another path (:mod:`jscale.sweep.lineage`): each source joins the grid (once per run id,
+however many grown runs share it), and after the groups, every source and then every grown run
+trains alone by :func:`jscale.train.train` in ``out_dir/runs/<run_id>/``, each committed as it
+finishes, its row carrying the lineage. A grid without grown runs never takes that path.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from jscale import data as data_lib
 from jscale import mesh as mesh_lib
 from jscale.config import EPOCHS_WARN, ConfigError, RunConfig
 from jscale.sweep import group as group_lib
+from jscale.sweep import lineage as lineage_lib
 from jscale.sweep import strategy as strategy_lib
 from jscale.sweep.grid import InvalidRun, _digest, run_id
 from jscale.sweep.store import ResultsStore
@@ -114,9 +121,21 @@ def run(runs: Sequence[RunConfig | InvalidRun], out_dir: str | os.PathLike, *,
     :data:`~jscale.sweep.grid.PLACEMENT_FIELDS` (the mesh, the cache directory) have one run id:
     the first of them trains, and a rerun on another mesh skips finished runs.
 
-    The run ids of ``runs`` are recorded as the directory's latest grid (``out_dir/grid.json``);
-    the returned frame holds these runs' rows in grid order, and like :func:`load` carries the
-    boolean column ``in_latest_grid`` (here all ``True``).
+    A run with a ``growth`` section starts from its source, the smaller run
+    :meth:`RunConfig.source_config` describes, which becomes a member of the sweep too: inserted
+    just before the first run grown from it unless the grid lists it earlier, and trained once
+    however many runs grow from it. Sources and grown runs train one at a time by
+    :func:`jscale.train.train`, sources first, in run directories ``out_dir/runs/<run_id>/`` (a
+    crashed sweep resumes them from their checkpoints; their rows have ``strategy="single"`` and
+    ``group_id="runs/<run_id>"``). A grown run's row adds ``source_run_id`` (its source's run id),
+    ``source_run`` (its directory), ``growth_op``, ``source_step``, ``source_tokens``,
+    ``source_flops``, ``total_tokens`` and ``total_flops`` (source included); in the frame the
+    other rows have no lineage and ``total_*`` equal to their own ``tokens``/``flops``. A grown
+    run whose source failed or diverged is recorded as failed.
+
+    The run ids of ``runs`` (and of the sources added) are recorded as the directory's latest grid
+    (``out_dir/grid.json``); the returned frame holds these runs' rows in grid order, and like
+    :func:`load` carries the boolean column ``in_latest_grid`` (here all ``True``).
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy: must be one of {list(STRATEGIES)} (got {strategy!r})")
@@ -128,8 +147,10 @@ def run(runs: Sequence[RunConfig | InvalidRun], out_dir: str | os.PathLike, *,
     wanted: dict[str, RunConfig | InvalidRun] = {}
     for r in runs:
         wanted.setdefault(run_id(r), r)
+    wanted, source_of = lineage_lib.expand(wanted)
     store.set_grid(list(wanted))
     todo = [r for rid, r in wanted.items() if rid not in done]
+    single = set(source_of) | set(source_of.values())  # trained one at a time, in run directories
 
     invalid = [r for r in todo if isinstance(r, InvalidRun)]
     if invalid:
@@ -139,7 +160,7 @@ def run(runs: Sequence[RunConfig | InvalidRun], out_dir: str | os.PathLike, *,
     # share one mesh, the one its programs are built for.
     groups: dict[str, list[RunConfig]] = {}
     for r in todo:
-        if not isinstance(r, InvalidRun):
+        if not isinstance(r, InvalidRun) and run_id(r) not in single:
             groups.setdefault(_digest(group_lib.signature(r).to_dict()), []).append(r)
 
     bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo) + len(invalid), unit="run",
@@ -165,6 +186,16 @@ def run(runs: Sequence[RunConfig | InvalidRun], out_dir: str | os.PathLike, *,
             bar.update(t_start + len(chunk) - bar.n)
             if progress and primary:
                 bar.write(f"group {gid} chunk {ci} ({len(chunk)} runs): {summary}")
+    if single:
+        todo_ids = {run_id(r) for r in todo}
+
+        def on_done(rid: str, message: str) -> None:
+            bar.update(rid in todo_ids)
+            if progress and primary:
+                bar.write(f"run {rid}: {message}")
+        bar.set_postfix_str(f"{len(single)} sources and grown runs")
+        lineage_lib.train_members(wanted, source_of, todo_ids, store,
+                                  row_of=_row, on_done=on_done)
     bar.close()
     frame = store.frame()
     if frame.empty:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from jscale import models
-from jscale.config import ConfigError, RunConfig
+from jscale.config import ConfigError, RunConfig, parse_overrides
 from jscale.models import shape_for_params
 
 __all__ = ["ISOFLOP_RTOL", "PLACEMENT_FIELDS", "InvalidRun", "isoflop", "product", "run_id",
@@ -87,7 +87,9 @@ def product(base: RunConfig, **axes: Sequence[Any]) -> list[RunConfig | InvalidR
 
         product(base, **{"model.d_model": [64, 128], "optim.lr": [1e-3, 3e-3], "train.seed": [0, 1]})
 
-    returns 8 runs. Unknown keys raise :class:`ConfigError` at once (a typo is not a grid point).
+    returns 8 runs. Unknown keys raise :class:`ConfigError` at once (a typo is not a grid point),
+    also those in a ``growth.source`` axis's overrides. A grown run (``growth.*`` axes) whose source
+    cannot be built is an :class:`InvalidRun` whose error names the field.
     """
     _check_keys(base, axes)
     keys = list(axes)
@@ -108,6 +110,13 @@ def zip_(base: RunConfig, **axes: Sequence[Any]) -> list[RunConfig | InvalidRun]
 
 def _check_keys(base: RunConfig, axes: Mapping[str, Any]) -> None:
     base.check_keys(axes)  # the keys override accepts, nested ones included
+    for value in axes.get("growth.source", ()):  # a grown run's source overrides: typos too
+        if isinstance(value, str):  # one string: parsed (and checked) as the run is built
+            continue
+        try:
+            base.check_keys(parse_overrides(list(value or ())))
+        except ConfigError as e:
+            raise ConfigError(f"growth.source: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------

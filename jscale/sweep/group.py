@@ -86,7 +86,7 @@ def build_programs(common: RunConfig, strategy: str,
         return core.member_step(state, alive, batch, active, cfg=common, optimizer=optimizer)
 
     def eval_member(state, batch):
-        return core.eval_loss(state, batch, common.model)
+        return core.eval_loss(state, batch, common)
 
     if strategy == "vmap":
         if layout is not None:

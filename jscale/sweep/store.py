@@ -9,6 +9,10 @@ also keeps ``out_dir/grid.json``, the run ids of the grid the latest ``sweep.run
 atomically when it starts), and every frame it returns carries a boolean column ``in_latest_grid``
 (all ``True`` when there is no ``grid.json``, as in a directory written before it existed). Law fits
 leave out the rows where it is ``False`` by default.
+
+A table with grown runs (:mod:`jscale.sweep.lineage`) has their lineage columns; its frames fill
+the other rows' ``total_tokens`` / ``total_flops`` from their own ``tokens`` / ``flops``
+(:data:`TOTALS`), so every row can be placed on one total-compute axis.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ CURVES = "curves"
 GRID = "grid.json"
 #: Column of every frame: is the row's run in the grid of the latest ``sweep.run`` call?
 IN_LATEST_GRID = "in_latest_grid"
+#: A grown run's total compute (source included) → the column a run not grown counts instead:
+#: where a table has grown rows, a frame fills the others' totals from it.
+TOTALS = {"total_tokens": "tokens", "total_flops": "flops"}
 
 
 class ResultsStore:
@@ -93,6 +100,9 @@ def _frame(rows: list[dict[str, Any]], grid: list[str] | None) -> pd.DataFrame:
     else:
         df[IN_LATEST_GRID] = df["run_id"].isin(set(grid)) if "run_id" in df else []
     df[IN_LATEST_GRID] = df[IN_LATEST_GRID].astype(bool)
+    for total, own in TOTALS.items():  # rows of runs not grown: their own compute is the total
+        if total in df and own in df:
+            df[total] = df[total].fillna(df[own])
     return df
 
 
