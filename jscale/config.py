@@ -244,7 +244,7 @@ class GrowthConfig:
         after the depth division, e.g. ``("model.d_model=32", "model.d_ff=64")`` for width growth.
       grow_steps: ``random`` only: the new parameters are blended in with a factor ``m`` that rises
         linearly from 0 to 1 over this many steps of the grown run (0: at once).
-      optimizer_state: start from the source's Adam moments grown by the same operator
+      grow_optimizer_state: start from the source's Adam moments grown by the same operator
         (:func:`jscale.growth.grow_optimizer_state`) instead of a fresh optimizer state.
       learn_steps: ``learn`` only: the steps that train the LiGO expansion before it is
         materialised (``None``: 100). Their compute is counted in the run's total FLOPs.
@@ -254,7 +254,7 @@ class GrowthConfig:
     source_steps: int = 0
     source: tuple[str, ...] = ()
     grow_steps: int = 0
-    optimizer_state: bool = False
+    grow_optimizer_state: bool = False
     learn_steps: int | None = None
 
     #: ``learn_steps`` when it is ``None``.
@@ -283,6 +283,8 @@ class GrowthConfig:
         """The depth factor ``G`` of ``op`` (``None``: width growth). The grammar itself is checked
         by :func:`jscale.growth.spec.check_run` when the run config is built."""
         parts = self.op.split(":")
+        if self.op_name in ("direct_width", "zero_width"):  # width only: a :G is d_model's factor
+            return None
         return int(parts[1]) if len(parts) > 1 and parts[1].strip().isdigit() else None
 
 

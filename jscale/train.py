@@ -174,7 +174,7 @@ def _text(value: Any) -> str:
 
 
 def with_growth(cfg: RunConfig, source: str | os.PathLike, grow: str, *, grow_steps: int = 0,
-                optimizer_state: bool = False, learn_steps: int | None = None) -> RunConfig:
+                grow_optimizer_state: bool = False, learn_steps: int | None = None) -> RunConfig:
     """``cfg`` with the :class:`~jscale.config.GrowthConfig` that describes growing the jscale run in
     ``source`` by ``grow`` (``OP[:G[:PLACEMENT]]``; ``jscale train --init-from RUN --grow OP``):
     ``source_steps`` the source's ``train.steps`` and ``source`` the model fields in which the
@@ -195,7 +195,7 @@ def with_growth(cfg: RunConfig, source: str | os.PathLike, grow: str, *, grow_st
     try:
         out = dataclasses.replace(cfg, growth=GrowthConfig(
             op=grow, source_steps=src_cfg.train.steps, source=items, grow_steps=grow_steps,
-            optimizer_state=optimizer_state, learn_steps=learn_steps))
+            grow_optimizer_state=grow_optimizer_state, learn_steps=learn_steps))
     except ConfigError as e:
         raise ConfigError(f"--grow: {grow!r} cannot grow {src} into this run: {e} (source: "
                           f"{models.describe(src_cfg.model)}; this run: "
@@ -211,7 +211,7 @@ def grow_start(cfg: RunConfig, source: str | os.PathLike, *,
     """``(params, opt_state, lineage)`` that start the grown run ``cfg`` (``cfg.growth`` set) from
     the newest checkpoint of the jscale run in ``source``, whose model must be the source model
     ``cfg.growth`` describes: the parameters grown by ``growth.op``, the Adam moments grown with
-    them when ``growth.optimizer_state`` (else ``opt_state`` is ``None``: fresh), and where they
+    them when ``growth.grow_optimizer_state`` (else ``opt_state`` is ``None``: fresh), and where they
     come from (:func:`jscale.records.lineage`). The random choices (``direct_width``'s copies,
     ``random``'s new parameters, ``learn``'s width init) use a key from ``cfg.train.seed``.
     ``learn`` trains its expansion on ``batches`` (an iterator of training batches; default: this
@@ -244,7 +244,7 @@ def grow_start(cfg: RunConfig, source: str | os.PathLike, *,
                           f"(source: {models.describe(src_cfg.model)}; this run: "
                           f"{models.describe(cfg.model)})") from None
     opt_state = None
-    if g.optimizer_state:
+    if g.grow_optimizer_state:
         opt_state = growth.grow_optimizer_state(state.opt_state, state.params, src_cfg.model,
                                                 cfg.model, spec.op, key=key, **spec.options)
     src_lineage = (json.loads((src / "lineage.json").read_text())

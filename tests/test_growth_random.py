@@ -137,9 +137,9 @@ def test_grow_steps_config_refusals():
     with pytest.raises(Exception, match="growth.grow_steps: must be <= train.steps"):
         base.override({"growth.op": "random:2", "growth.source_steps": 3,
                        "growth.grow_steps": 1000})
-    with pytest.raises(Exception, match="growth.optimizer_state"):
+    with pytest.raises(Exception, match="growth.grow_optimizer_state"):
         base.override({"growth.op": "learn:2", "growth.source_steps": 3,
-                       "growth.optimizer_state": True})
+                       "growth.grow_optimizer_state": True})
 
 
 def test_random_moments_follow_zero_maps():

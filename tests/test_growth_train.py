@@ -82,7 +82,9 @@ def grown_run(small_run, tmp_path_factory):
     ("zero:3:end", "zero:3:end", 3, {"placement": "end"}),
     ("zero", "zero", None, {}), ("direct_width", "direct_width", None, {}),
     ("random:2", "random:2", 2, {}), ("random", "random", None, {}),
-    ("learn:2", "learn:2", 2, {}), ("learn", "learn", None, {})])
+    ("learn:2", "learn:2", 2, {}), ("learn", "learn", None, {}),
+    ("zero_depth:2", "zero:2", 2, {"placement": "interleave"}), ("zero_width", "zero", None, {}),
+    ("direct_width:2", "direct_width:2", None, {})])
 def test_grow_grammar(text, canonical, factor, options):
     spec = growth.parse_spec(text)
     assert (str(spec), spec.factor, spec.options) == (canonical, factor, options)
@@ -93,7 +95,9 @@ def test_grow_grammar(text, canonical, factor, options):
 @pytest.mark.parametrize("text,match", [
     ("stack:1", "integer >= 2"), ("stack:x", "integer >= 2"), ("stack:-2", "integer >= 2"),
     ("stack", "write stack:G"), ("interpolate", "write interpolate:G"),
-    ("direct_width:2", "no :G"), ("splice:2", "unknown growth operator 'splice'"),
+    ("direct_width:1", "d_model factor"), ("direct_width:2:end", "d_model factor"),
+    ("zero_depth", "write zero_depth:G"), ("zero_width:2", "no :G"),
+    ("splice:2", "unknown growth operator 'splice'"),
     ("random:2:end", "placement"),
     ("zero:2:middle", "placement"), ("stack:2:end", "placement"), ("zero:2:end:x", "':' fields")])
 def test_grow_grammar_refusals_name_the_flag(text, match):
@@ -270,7 +274,7 @@ def test_grown_optimizer_state_is_the_first_step_s_adam_state(small_run, tmp_pat
     source's Adam moments grown by the same maps (and differs from a fresh optimizer's)."""
     out, one = tmp_path / "moments", BIG + ["train.steps=1", "train.checkpoint_every=1"]
     assert cli_main(grow_args(out, small_run, "zero:2", one) + ["--grow-optimizer-state"]) == 0
-    cfg = with_growth(micro_cfg(one), small_run, "zero:2", optimizer_state=True)
+    cfg = with_growth(micro_cfg(one), small_run, "zero:2", grow_optimizer_state=True)
     params, opt_state, _ = grow_start(cfg, small_run)
     src = load_state(micro_cfg(SMALL), small_run)
     jax.tree.map(np.testing.assert_array_equal, opt_state, growth.grow_optimizer_state(
@@ -301,3 +305,15 @@ def test_learned_growth_counts_its_compute(small_run, tmp_path):
 def test_growth_flags_without_grow_exit_2(capsys, tmp_path):
     err = _exit_2(capsys, train_args(tmp_path / "out", BIG) + ["--grow-steps", "3"])
     assert "--grow-steps" in err and "go with --grow" in err
+
+
+def test_direct_width_factor_is_checked_against_the_configs():
+    from jscale import presets
+    half = ("model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=192")
+    for op in ("direct_width", "direct_width:2"):
+        cfg = presets.get("tiny").override({"growth.op": op, "growth.source_steps": 5,
+                                            "growth.source": half})
+        assert cfg.source_config().model.d_model == 64 and cfg.source_config().model.n_layers == 2
+    with pytest.raises(ConfigError, match=r"^growth.op: 'direct_width:4' makes d_model 4 × 64"):
+        presets.get("tiny").override({"growth.op": "direct_width:4", "growth.source_steps": 5,
+                                      "growth.source": half})

@@ -84,7 +84,8 @@ def _cmd_train(args) -> int:
             raise ConfigError("--grow: needs --init-from RUN_DIR, the run whose newest checkpoint "
                               "it grows")
         initialize_from_args(args)
-        grow_opts = {"grow_steps": args.grow_steps, "optimizer_state": args.grow_optimizer_state,
+        grow_opts = {"grow_steps": args.grow_steps,
+                     "grow_optimizer_state": args.grow_optimizer_state,
                      "learn_steps": args.learn_steps}
         if args.grow is None and (args.grow_steps or args.grow_optimizer_state
                                   or args.learn_steps is not None):

@@ -10,6 +10,8 @@ Grammar: ``OP[:G[:PLACEMENT]]``.
   (``direct_width``), and for the operators that grow either (``zero``, ``random``, ``learn``)
   it decides: ``zero:2`` grows the depth, ``zero`` the width. Width factors come from the two
   configs, not from the text.
+  ``direct_width:G`` names the d_model factor, checked against the configs
+  (``direct_width:2``). ``zero_depth:G`` and ``zero_width`` spell ``zero:G`` and ``zero`` out.
 * ``PLACEMENT`` — zero depth growth only: ``interleave`` (the default) or ``end``
   (:data:`jscale.growth.PLACEMENTS`), e.g. ``zero:2:end``.
 
@@ -30,19 +32,25 @@ from jscale.growth.plans import PLACEMENTS
 
 #: The grammar, in one line (for ``--help`` and error messages).
 GRAMMAR = "OP[:G[:PLACEMENT]]"
+#: Spellings that say which way ``zero`` grows: ``zero_depth:G`` is ``zero:G``, ``zero_width``
+#: is ``zero``.
+ALIASES = {"zero_depth": ("zero", "depth"), "zero_width": ("zero", "width")}
 
 
 @dataclasses.dataclass(frozen=True)
 class GrowthSpec:
     """One growth step: operator ``op``, depth factor ``factor`` (``None``: width growth, the
-    factor given by the configs) and, for zero depth growth, ``placement``."""
+    factors given by the configs), for ``direct_width:G`` the ``d_model`` factor ``width_factor``
+    it checks, and for zero depth growth ``placement``."""
 
     op: str
     factor: int | None = None
     placement: str | None = None
+    width_factor: int | None = None
 
     def __str__(self) -> str:
-        text = self.op if self.factor is None else f"{self.op}:{self.factor}"
+        g = self.factor if self.factor is not None else self.width_factor
+        text = self.op if g is None else f"{self.op}:{g}"
         return text if self.placement in (None, PLACEMENTS[0]) else f"{text}:{self.placement}"
 
     @property
@@ -62,6 +70,13 @@ class GrowthSpec:
         needs — the other fields unchanged, widths that only grow — :func:`jscale.growth.grow`
         checks, naming the model field.)"""
         check_pair(cfg_small, cfg_big, self.op)
+        if self.width_factor is not None:
+            d, e = model_spec(cfg_small).d_model, model_spec(cfg_big).d_model
+            if e != self.width_factor * d:
+                raise ConfigError(f"{field}: {str(self)!r} makes d_model {self.width_factor} × {d} "
+                                  f"= {self.width_factor * d} from the source's {d}, but this "
+                                  f"run's model has {e} (source: {models.describe(cfg_small)}; "
+                                  f"this run: {models.describe(cfg_big)})")
         n, m = model_spec(cfg_small).n_layers, model_spec(cfg_big).n_layers
         want = n if self.factor is None else self.factor * n
         if m != want:
@@ -78,6 +93,14 @@ def parse_spec(text: str, *, field: str = "--grow") -> GrowthSpec:
     :class:`~jscale.config.ConfigError` naming ``field`` for an unknown or unbuilt operator, a
     missing, extra or bad ``G``, or a bad placement."""
     op, *rest = text.strip().split(":")
+    if op in ALIASES:
+        op, kind = ALIASES[op]
+        if kind == "depth" and not rest:
+            raise ConfigError(f"{field}: {text!r} grows the depth: write {text}:G, G the depth "
+                              "factor (an integer >= 2)")
+        if kind == "width" and rest:
+            raise ConfigError(f"{field}: {text.split(':')[0]!r} grows the width, by factors the "
+                              f"configs give: write it with no :G (got {text!r})")
     if op not in OPERATORS:
         raise ConfigError(f"{field}: unknown growth operator {op!r} in {text!r}; "
                           f"{GRAMMAR} with OP one of {', '.join(built())}")
@@ -92,10 +115,12 @@ def parse_spec(text: str, *, field: str = "--grow") -> GrowthSpec:
             raise ConfigError(f"{field}: {op!r} grows the depth: write {op}:G, G the depth factor "
                               "(an integer >= 2)")
         return GrowthSpec(op)
-    if "depth" not in found.grows:
-        raise ConfigError(f"{field}: {op!r} grows the width, by factors the configs give: write "
-                          f"{op!r} with no :G (got {text!r})")
     g = rest[0]
+    if "depth" not in found.grows:  # direct_width:G — G the d_model factor, checked
+        if len(rest) > 1 or not (g.isdigit() and int(g) >= 2):
+            raise ConfigError(f"{field}: {op!r} grows the width; {op}:G names the d_model factor, "
+                              f"an integer >= 2 (the configs give the other widths; got {text!r})")
+        return GrowthSpec(op, width_factor=int(g))
     if not (g.isdigit() and int(g) >= 2):
         raise ConfigError(f"{field}: the depth factor G must be an integer >= 2 (got {g!r} in "
                           f"{text!r})")
@@ -117,8 +142,10 @@ def grammar_help() -> str:
     """A paragraph for ``--help``: the grammar and every operator of the table, from the table."""
     ops = "; ".join(f"{name} ({op.grows}{'' if op.supported else ', not built yet'})"
                     for name, op in OPERATORS.items())
-    return (f"{GRAMMAR}: G is the depth factor, an integer >= 2 (stack:4, interpolate:2, zero:2); "
-            f"width operators take none, the configs give the widths (zero, direct_width); "
+    return (f"{GRAMMAR}: G is the depth factor, an integer >= 2 (stack:4, interpolate:2, zero:2 "
+            f"= zero_depth:2, random:2, learn:2); width growth takes the widths from the configs "
+            f"(zero = zero_width, random, learn, direct_width; direct_width:2 also checks that "
+            f"d_model doubles); "
             f"PLACEMENT, for zero depth growth: {' or '.join(PLACEMENTS)} (default "
             f"{PLACEMENTS[0]}). Operators: {ops}")
 
@@ -141,7 +168,7 @@ def check_run(cfg: Any) -> None:
     check(g.learn_steps is None or step.op == "learn", "growth.learn_steps",
           f"trains the LiGO expansion of the 'learn' operator only (growth.op={g.op!r})",
           g.learn_steps)
-    check(not (g.optimizer_state and step.op == "learn"), "growth.optimizer_state",
+    check(not (g.grow_optimizer_state and step.op == "learn"), "growth.grow_optimizer_state",
           "'learn' has no fixed index maps to grow the moments with; start a fresh optimizer")
     source = cfg.source_config().model
     step.check(source, cfg.model, field="growth.op")
