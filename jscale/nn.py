@@ -39,10 +39,19 @@ def truncated_normal(key: Array, shape: tuple[int, ...], std: float, dtype) -> A
             ).astype(dtype)
 
 
-def rms_norm(x: Array, scale: Array, eps: float) -> Array:
-    """RMSNorm over the last axis, computed in float32; returns ``x``'s dtype."""
+def rms_norm(x: Array, scale: Array, eps: float, width: Array | None = None) -> Array:
+    """RMSNorm over the last axis, computed in float32; returns ``x``'s dtype.
+
+    ``width`` (optional, a float32 scalar, may be traced): the number of *true* features — the mean
+    square is the sum of squares divided by it, not by the axis length. For a model zero-padded past
+    its true width (:mod:`jscale.models.packing`): the padded features are zero, so the sum is the
+    true sum and the statistic is the unpadded model's, epsilon included. ``None``: the mean."""
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if width is None:
+        ms = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    else:
+        ms = jnp.sum(x32 * x32, axis=-1, keepdims=True) / jnp.asarray(width, jnp.float32)
+    y = x32 * jax.lax.rsqrt(ms + eps)
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 

@@ -24,9 +24,18 @@ from jscale.models.transformer import TransformerConfig
 __all__ = ["Family", "MambaConfig", "TransformerConfig", "apply", "count_params", "decode_init",
            "decode_step", "describe", "dim_fields", "family_flops_per_token", "family_of",
            "flops_per_token", "forward", "generate", "init", "init_model_state", "init_scale",
-           "mamba", "max_seq_len", "memory_bytes", "scale_init", "shape_for_params", "transformer"]
+           "mamba", "max_seq_len", "memory_bytes", "packing", "scale_init", "shape_for_params",
+           "transformer"]
 
 Array = jax.Array
+
+
+def __getattr__(name: str) -> Any:
+    # ``models.packing`` (exact padded packing of different shapes) is imported on first use.
+    if name == "packing":
+        import importlib
+        return importlib.import_module("jscale.models.packing")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def family_of(cfg: Any) -> Family:

@@ -37,7 +37,10 @@ a block's parts.
 **Non-gradient model state.** A part may declare per-layer state (``init_state``); the scaffold stacks
 it as ``model_state[stack_key][sublayer_name]`` (``[L, ...]``; ``stack_key`` is ``"layers"`` for a
 single-stack model), hands each layer its slice, collects the updated slices and returns them
-(``stop_gradient``) as the new state. ``{}`` for stateless models.
+(``stop_gradient``) as the new state. ``{}`` for stateless models. A member of a packed group of
+different shapes (:mod:`jscale.models.packing`) also carries ``model_state["pack"]``, its true sizes:
+the scaffold hands it to every part as ``Context.pack``, divides its residual RMSNorms' mean square
+by its true ``d_model`` and returns it unchanged in the new state.
 
 **Layer inputs.** ``layer_inputs`` (optional, ``{sublayer_name: pytree}`` with a leading ``L`` axis) is
 scanned alongside the parameters; each part gets its layer's slice as ``layer_input`` (how
@@ -60,6 +63,7 @@ from jscale.models import decode, sizing
 from jscale.models.parts.base import Const, Context, Normal, Uniform
 from jscale.models.spec import (  # noqa: F401  (re-exported: lm.LMSpec, lm.Sublayer, ...)
     DTYPES,
+    PACK_KEY,
     REMAT_POLICIES,
     RESERVED_KEYS,
     LMSpec,
@@ -196,11 +200,12 @@ def hidden(params: dict[str, Any], x_BTD: Array, spec: LMSpec, *,
     """Embedded inputs → ``(final-normed hidden states x_BTD, aux, new_model_state)``."""
     x_BTD = x_BTD.astype(jnp.dtype(spec.dtype))
     B, T, _ = x_BTD.shape
-    ctx = Context(segment_ids_BT=segment_ids_BT,
-                  positions_BT=jnp.broadcast_to(jnp.arange(T), (B, T)))
     stacks = spec.layer_stacks
     if model_state is None:
         model_state = init_model_state(spec)
+    pack = model_state.get(PACK_KEY)
+    ctx = Context(segment_ids_BT=segment_ids_BT,
+                  positions_BT=jnp.broadcast_to(jnp.arange(T), (B, T)), pack=pack)
     if len(stacks) == 1:
         layer_inputs = {stacks[0].key: layer_inputs} if layer_inputs else {}
     layer_inputs = layer_inputs or {}
@@ -214,7 +219,9 @@ def hidden(params: dict[str, Any], x_BTD: Array, spec: LMSpec, *,
             aux_parts.setdefault(k, []).append(v)
         if state_L:
             new_state[st.key] = jax.lax.stop_gradient(state_L)
-    x_BTD = nn.rms_norm(x_BTD, params["final_norm"]["scale_D"], spec.norm_eps)
+    if pack is not None:
+        new_state[PACK_KEY] = pack
+    x_BTD = nn.rms_norm(x_BTD, params["final_norm"]["scale_D"], spec.norm_eps, _width(ctx))
     aux = {k: jnp.mean(v[0] if len(v) == 1 else jnp.concatenate(v)) for k, v in aux_parts.items()}
     return x_BTD, aux, new_state
 
@@ -230,7 +237,7 @@ def _run_stack(stack_params: dict[str, Any], x_BTD: Array, st: Stack, spec: LMSp
         x_BTD = constrain(x_BTD, "BTD")
         aux, new_state = {}, {}
         for sub, pre in zip(st.block, prepared, strict=True):
-            h_BTD = nn.rms_norm(x_BTD, p[sub.norm]["scale_D"], spec.norm_eps)
+            h_BTD = nn.rms_norm(x_BTD, p[sub.norm]["scale_D"], spec.norm_eps, _width(ctx))
             y_BTD, part_aux, part_state = sub.part.apply(
                 p[sub.name], h_BTD, ctx, prepared=pre, state=state.get(sub.name),
                 layer_input=inp.get(sub.name))
@@ -254,6 +261,11 @@ def _run_stack(stack_params: dict[str, Any], x_BTD: Array, st: Stack, spec: LMSp
             ys.append(y)
         aux_L, state_L = jax.tree.map(lambda *a: jnp.stack(a), *ys)
     return x_BTD, aux_L, state_L
+
+
+def _width(ctx: Context) -> Array | None:
+    """The residual norms' true width: a packed member's ``d_model`` (``None``: the axis length)."""
+    return None if ctx.pack is None else ctx.pack["d_model"]
 
 
 def _restack_names(tree: Any) -> Any:

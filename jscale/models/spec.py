@@ -37,8 +37,10 @@ class Stack:
     block: tuple[Sublayer, ...]
 
 
-#: Top-level parameter keys a stack may not take.
-RESERVED_KEYS = ("embed", "final_norm", "head")
+#: The model-state key of a packed member's true sizes (:mod:`jscale.models.packing`).
+PACK_KEY = "pack"
+#: Top-level parameter (and model-state) keys a stack may not take.
+RESERVED_KEYS = ("embed", "final_norm", "head", PACK_KEY)
 
 
 @dataclasses.dataclass(frozen=True)

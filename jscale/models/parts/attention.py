@@ -136,6 +136,11 @@ class Attention(Part):
         ctx_BTHK = attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT=ctx.segment_ids_BT,
                              impl=self.impl, prefix_k_BSGK=prefix_k_BSGK,
                              prefix_v_BSGK=prefix_v_BSGK)
+        if ctx.pack is not None and "head_mask_H" in ctx.pack:
+            # A packed member's padded query heads (jscale.models.packing): their context is the
+            # mean of their group's values, not 0, when the group is a true one; masked, it and its
+            # gradients are exactly 0.
+            ctx_BTHK = ctx_BTHK * ctx.pack["head_mask_H"].astype(ctx_BTHK.dtype)[:, None]
         ctx_BTHK = checkpoint_name(ctx_BTHK, "attn_context")
         return jnp.einsum("bthk,hkd->btd", ctx_BTHK, p["w_o_HKD"].astype(dt)), {}, {}
 

@@ -86,11 +86,13 @@ class Leaf:
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What every part of a forward pass may read: the packed-document ids (or ``None``) and the
-    positions of the tokens."""
+    """What every part of a forward pass may read: the packed-document ids (or ``None``), the
+    positions of the tokens and, for a member of a packed group of different shapes, its true sizes
+    (``pack``: the model state's ``"pack"`` entry, :mod:`jscale.models.packing`; ``None`` otherwise)."""
 
     segment_ids_BT: Array | None
     positions_BT: Array
+    pack: Any = None
 
 
 def decode_context(pos: Array, batch_size: int) -> Context:
