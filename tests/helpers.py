@@ -38,6 +38,14 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
+def xla_flags(devices: int) -> str:
+    """This session's XLA_FLAGS with ``devices`` host devices instead of its 8 (for the processes of
+    a multi-process test; the other flags, e.g. the optimization level, stay as the session's)."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count=")]
+    return " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+
+
 def train_args(out: Path, overrides: Sequence[str], *extra: str, preset: str = "tiny",
                quiet: bool = True) -> list[str]:
     """``jscale train`` arguments (after the program name) for ``overrides`` (+ ``extra``) into

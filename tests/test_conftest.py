@@ -33,10 +33,16 @@ def test_conftest_environment_forces_cpu_only_by_default():
     env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
     configure_environment("cpu", env)
     assert env == {"JAX_PLATFORMS": "cpu", "XLA_FLAGS":
-                   "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=8"}
+                   "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=8 "
+                   "--xla_backend_optimization_level=1"}
+    env = {"XLA_FLAGS": "--xla_backend_optimization_level=3"}  # a level given is kept
+    configure_environment("cpu", env)
+    assert env["XLA_FLAGS"] == ("--xla_backend_optimization_level=3 "
+                                "--xla_force_host_platform_device_count=8")
     env = {}
     configure_environment("gpu", env)
     assert "JAX_PLATFORMS" not in env  # JAX picks the GPU
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
     with pytest.raises(pytest.UsageError, match="JSCALE_TEST_PLATFORM='cuda': must be one of"):
         requested_platform("", {"JSCALE_TEST_PLATFORM": "cuda"})
 

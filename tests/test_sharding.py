@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import env, micro_cfg, train_args
+from helpers import env, micro_cfg, train_args, xla_flags
 from jax.sharding import PartitionSpec as P
 from tolerances import F32_GRAD, SHARDED_VS_SINGLE_LOSS
 
@@ -182,7 +182,7 @@ def _two_processes(out: Path, port: int) -> None:
     args = _train_args(out, "mesh.data=2", "mesh.fsdp=4")
     procs = [subprocess.Popen([sys.executable, "-m", "jscale.cli", *args, "--coordinator",
                                f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              env=env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                              env=env(XLA_FLAGS=xla_flags(4),
                                       JAX_PLATFORMS="cpu"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]

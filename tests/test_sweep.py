@@ -13,7 +13,15 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import STATE_LEAF, STATE_METRIC, env, metrics_rows, micro_cfg, patch_stateful_forward
+from helpers import (
+    STATE_LEAF,
+    STATE_METRIC,
+    env,
+    metrics_rows,
+    micro_cfg,
+    patch_stateful_forward,
+    xla_flags,
+)
 from tolerances import F32_REORDER, SWEEP_VMAP_VS_SEQUENTIAL
 
 import jscale
@@ -365,7 +373,7 @@ def test_two_process_sweep_equals_unsharded(vmap_df, tmp_path, free_port):
         [sys.executable, "-m", "jscale.cli", "sweep", str(script), "--preset", "mesh", "--out",
          str(tmp_path / "out"), "--quiet", "--coordinator", f"localhost:{free_port}",
          "--num-processes", "2", "--process-id", str(i)],
-        env=env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        env=env(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     for i, proc in enumerate(procs):
         _, err = proc.communicate(timeout=600)

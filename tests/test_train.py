@@ -29,6 +29,7 @@ from tolerances import F32_FORMULA_RTOL
 
 import jscale
 from jscale import optim
+from jscale.cli import main as cli_main
 from jscale.config import ConfigError
 from jscale.train import load_state, train
 
@@ -57,7 +58,7 @@ def _cli(out: Path, *extra: str):
 def reference_run(tmp_path_factory):
     """The uninterrupted CLI run that every resumed run must reproduce exactly."""
     out = tmp_path_factory.mktemp("reference")
-    finish(_cli(out))
+    assert cli_main(_train_args(out)) == 0  # in this process; the resumed runs are subprocesses
     return out
 
 
@@ -130,20 +131,19 @@ def test_resume_after_sigkill_during_checkpoint_write(reference_run, tmp_path):
 @pytest.mark.slow
 def test_rerun_of_finished_run_is_a_no_op(reference_run):
     before = (reference_run / "metrics.jsonl").read_text()
-    finish(_cli(reference_run))
+    assert cli_main(_train_args(reference_run)) == 0
     assert (reference_run / "metrics.jsonl").read_text() == before
 
 
 @pytest.mark.slow
-def test_rerun_with_different_config_is_refused(reference_run):
-    proc = _cli(reference_run, "optim.lr=0.1")
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 2
+def test_rerun_with_different_config_is_refused(reference_run, capsys):
+    capsys.readouterr()
+    assert cli_main(_train_args(reference_run, "optim.lr=0.1")) == 2
+    err = capsys.readouterr().err
     assert "different config (optim.lr: 0.003 -> 0.1)" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("argv, match", [
+BAD_ARGUMENTS = [
     (["train", "--preset", "nope", "--out", "x"], "unknown preset 'nope'"),
     (["train", "--preset", "tiny", "--out", "x", "--set", "optim.nope=1"], "unknown config key"),
     (["train", "--preset", "tiny", "--out", "x", "--set", "train.steps=abc"], "train.steps: must be"),
@@ -151,8 +151,29 @@ def test_rerun_with_different_config_is_refused(reference_run):
     (["fly"], "invalid choice: 'fly'"),
     (["train", "--preset", "tiny", "--out", "x", "--set", "data.path=/does/not/exist.txt"],
      "data.path"),
-])
-def test_cli_bad_arguments_exit_2_with_one_line(argv, match, tmp_path):
+]
+
+
+@pytest.mark.parametrize("argv, match", BAD_ARGUMENTS)
+def test_cli_bad_arguments_exit_2_with_one_line(argv, match, tmp_path, monkeypatch, capsys):
+    """In this process: ``main`` returns (or argparse exits with) 2 and prints one line."""
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    try:
+        code = cli_main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert match in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_cli_bad_argument_exits_2_with_one_line_from_a_fresh_process(tmp_path):
+    """The same as a command: ``python -m jscale.cli`` exits 2 and its whole stderr is one line
+    (nothing else, e.g. a warning at import, reaches it) for the case that gets furthest (the
+    config is built, the corpus looked for)."""
+    argv, match = BAD_ARGUMENTS[-1]
     proc = subprocess.run([sys.executable, "-m", "jscale.cli", *argv], env=env(), cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
@@ -160,11 +181,10 @@ def test_cli_bad_arguments_exit_2_with_one_line(argv, match, tmp_path):
 
 
 def test_cli_presets_and_help():
-    from jscale.cli import main
-    assert main(["presets"]) == 0
+    assert cli_main(["presets"]) == 0
     for argv in (["--help"], ["train", "--help"], ["presets", "--help"]):
         with pytest.raises(SystemExit) as e:
-            main(argv)
+            cli_main(argv)
         assert e.value.code == 0
 
 
