@@ -76,8 +76,8 @@ PRESETS = {
     # 2 scratch + 10 small + 18 grown = 30 runs, 600 target steps × 8 × 64 tokens (0.31 M tokens,
     # 0.03 epochs of the bundled corpus); the operator comparison at g 2, f 0.25: interpolate, zero,
     # random (blended in over a tenth of the grown run), learn (20 LiGO steps), direct_width (a
-    # half-width source). Measured 20 min 27 s wall on 2 CPU cores shared with other jobs (load
-    # average 6-9: the study got 77 % of one core, 15.9 CPU-minutes), analysis included.
+    # half-width source). Measured 10 min 41 s wall on 2 idle CPU cores, analysis included (16.6
+    # CPU-minutes; 20 min 27 s beside other jobs, the same results bitwise).
     "cpu": dict(d_model=64, n_layers=4, head_dim=16, seq_len=64, batch_size=8, steps=600, lr=8e-3,
                 warmup=30, eval_every=30, eval_batches=16, factors=(2, 4), fractions=(0.1, 0.25),
                 seeds=(0, 1), operators=OPERATORS, op_setting=(2, 0.25), checkpoint_every=0,
